@@ -1,0 +1,1 @@
+"""Fits and figures over the results table (see scaling.results)."""

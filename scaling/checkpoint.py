@@ -1,0 +1,89 @@
+"""Checkpoints: plain dicts, written atomically, loaded with `torch.load(weights_only=True)`.
+
+    checkpoints/step_<N>.pt   {"model", "ema", "opt", "step", "img_seen", "rng", "data", "config"}
+    checkpoints/latest.json   {"step": N, "file": "step_<N>.pt"}   (a sidecar, also written atomically)
+
+Resume = run the same command again: the newest readable checkpoint is loaded and training continues.
+"""
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+from scaling.rundir import RunDir, read_json, write_json
+
+_STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_path(run: RunDir, step: int) -> Path:
+    return run.checkpoints / f"step_{step:07d}.pt"
+
+
+def save_checkpoint(run: RunDir, state: dict) -> Path:
+    """Write `state` to checkpoints/step_<N>.pt via a temporary file and a rename, then point latest at it."""
+    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(run, int(state["step"]))
+    fd, tmp = tempfile.mkstemp(dir=run.checkpoints, prefix=".tmp_", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    write_json(run.checkpoints / "latest.json", {"step": int(state["step"]), "file": path.name})
+    return path
+
+
+def list_steps(run_dir) -> list[int]:
+    """Steps of the checkpoints present, ascending (temporary files of an interrupted save are ignored)."""
+    ckpt_dir = RunDir(run_dir).checkpoints if not isinstance(run_dir, RunDir) else run_dir.checkpoints
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in ckpt_dir.iterdir() if (m := _STEP_FILE.match(p.name)))
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_latest(run: RunDir, map_location="cpu") -> dict | None:
+    """The newest checkpoint that loads; an unreadable one (disk full, killed mid-copy) is skipped with a note."""
+    for step in reversed(list_steps(run)):
+        path = checkpoint_path(run, step)
+        try:
+            return load_checkpoint(path, map_location)
+        except Exception as e:  # noqa: BLE001 - any unreadable file: fall back to the previous one
+            print(f"[checkpoint] skipping unreadable {path}: {type(e).__name__}: {e}", flush=True)
+    return None
+
+
+def load_model(run_dir, step: int | None = None, which: str = "ema"):
+    """(model in eval mode with the `which` weights, RunConfig, plan dict) for a run's checkpoint.
+
+    `step=None` takes the newest checkpoint. Evaluation uses the EMA weights (paper section 4).
+    """
+    from scaling.config import build_model_for, config_from_dict  # config imports this module's neighbours
+
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    steps = list_steps(run)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {run.checkpoints}")
+    if step is None:
+        step = steps[-1]
+    if step not in steps:
+        raise ValueError(f"no checkpoint for step {step} in {run.checkpoints}; present: {steps}")
+    if which not in ("ema", "model"):
+        raise ValueError(f"which={which!r}; allowed: 'ema', 'model'")
+    ckpt = load_checkpoint(checkpoint_path(run, step))
+    cfg = config_from_dict(ckpt["config"])
+    plan = read_json(run.plan)
+    model = build_model_for(cfg, plan)
+    model.load_state_dict(ckpt[which])
+    return model.eval(), cfg, plan

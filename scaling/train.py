@@ -1,0 +1,390 @@
+"""The training job: one grid point of the study, trained, checkpointed and resumable (paper section 4).
+
+Read top to bottom: setup, resume, then one loop with inline blocks for logging, checkpoints and evals.
+Resuming replays exactly what an uninterrupted run would have done: the data order, the flips, the diffusion
+timesteps and noise and the label dropout all come from generators seeded by (seed, step), and the checkpoint
+holds the model, the EMA, the optimizer and the step.
+
+    python -m scaling.train model.name=laptop_s patch=4 train.steps=300     # one run, Hydra-style overrides
+"""
+
+import copy
+import functools
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as torch_dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
+
+from scaling.checkpoint import load_latest, save_checkpoint
+from scaling.rundir import (RunDir, append_jsonl, heartbeat, read_status, run_lock, truncate_jsonl, write_json,
+                            write_status, atomic_write_text)
+
+# Dense bf16 peak of the GPUs we know, for MFU (vendor datasheets; SXM parts).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400_000         # horizon in optimizer steps (images = steps x batch_img)
+    batch_img: int = 256         # global batch, split evenly across ranks
+    lr: float = 1e-4             # AdamW, constant (paper section 4)
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    grad_clip: float = 0.0       # max global grad norm; 0 = off
+    precision: str = "auto"      # auto = bf16 autocast on GPUs that support it, else fp32
+    device: str = "auto"         # auto | cpu | cuda
+    compile: bool = False        # torch.compile the model (the checkpoint always holds the plain weights)
+    ckpt_every: int = 50_000     # steps between checkpoints (one is always written at the end)
+    log_every: int = 100         # steps between metrics.jsonl rows
+    grid_every: int = 0          # steps between EMA sample grids when evals are off; 0 = at checkpoints
+    num_workers: int = 0         # data loader processes (0: in-process, right for the in-memory datasets)
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(step: int, batch_img: int, n: int, seed: int) -> list[int]:
+    """Dataset indices of the global batch at `step`: a pure function, so a resumed run sees the same data."""
+    out, pos = [], step * batch_img
+    while len(out) < batch_img:
+        epoch, offset = divmod(pos + len(out), n)
+        take = min(batch_img - len(out), n - offset)
+        out.extend(_epoch_permutation(n, seed, epoch)[offset:offset + take].tolist())
+    return out
+
+
+class StepBatches(Sampler):
+    """Yields this rank's (index, flip) pairs for steps start..end-1; flips are seeded by (seed, step)."""
+
+    def __init__(self, n, batch_img, seed, start, end, rank, world, flip):
+        self.n, self.batch_img, self.seed, self.start, self.end = n, batch_img, seed, start, end
+        self.rank, self.world, self.flip = rank, world, flip
+
+    def __len__(self):
+        return self.end - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.end):
+            idx = batch_indices(step, self.batch_img, self.n, self.seed)
+            g = torch.Generator().manual_seed(self.seed * 7_919 + step)
+            flips = (torch.rand(len(idx), generator=g) < 0.5).tolist() if self.flip else [False] * len(idx)
+            yield list(zip(idx, flips))[self.rank::self.world]
+
+
+class Flipped(Dataset):
+    """Indexes a dataset with (index, flip). Latent datasets provide `get(i, flip)` (latents of the flipped
+    image, since flipping a latent tensor is not flipping the image); image datasets are flipped here."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, item):
+        i, flip = item
+        if hasattr(self.dataset, "get"):
+            return self.dataset.get(i, flip)
+        x, y = self.dataset[i]
+        return (x.flip(-1) if flip else x), y
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+
+def setup_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's or submitit's environment; a single process otherwise."""
+    if "SLURM_JOB_ID" in os.environ and "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank, world, local_rank
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if name != "cpu":
+        raise ValueError(f"train.device={name!r}; allowed: auto, cpu, cuda")
+    return torch.device("cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device):
+    """bf16 autocast on GPUs that support it (paper: mixed precision is not used; DiT's later code uses it)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision={precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("train.precision=bf16 but this GPU does not support bf16; use auto or fp32")
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS.items() if key in name), None)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema = decay * ema + (1 - decay) * param
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 1_000_003 + rank * 10_007 + step) % (2**63)
+
+
+@torch.no_grad()
+def save_sample_grid(run: RunDir, step: int, ema, diffusion_cfg, plan: dict, device, n: int = 32) -> None:
+    """A quick EMA sample grid (DDIM, 50 steps) so a person can see what the model draws at this step."""
+    from torchvision.utils import save_image
+
+    from scaling.diffusion import Diffusion, sample
+
+    g = torch.Generator(device).manual_seed(step)
+    y = torch.arange(n, device=device) % plan["num_classes"]
+    shape = (n, plan["in_channels"], plan["input_size"], plan["input_size"])
+    x = sample(ema, Diffusion(diffusion_cfg), y, shape, sampler="ddim", num_steps=50, generator=g,
+               clip_denoised=plan.get("pixel_space", True))
+    if not plan.get("pixel_space", True):
+        return  # latent runs: the evaluation decodes through the VAE and writes its own grid
+    save_image((x.float().cpu() + 1) / 2, run.samples / f"grid_step_{step:07d}.png", nrow=8)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def train(cfg) -> dict:
+    """Train one grid point into its run directory; returns the final status dict.
+
+    `cfg` is a `scaling.config.RunConfig`. Idempotent: a finished run returns at once (evaluating any
+    checkpoint that lacks evals), an unfinished one resumes from its newest checkpoint.
+    """
+    from scaling.config import build_model_for, config_to_dict, make_plan, run_dir_for, validate
+    from scaling.data import build_dataset
+    from scaling.diffusion import Diffusion
+    from scaling.tracking import Tracker
+
+    validate(cfg)
+    tc = cfg.train
+    rank, world, local_rank = setup_distributed()
+    device = resolve_device(tc.device, local_rank)
+    if tc.batch_img % world:
+        raise ValueError(f"train.batch_img={tc.batch_img} does not split over {world} ranks")
+    run = run_dir_for(cfg)
+    plan = make_plan(cfg, device=str(device), world_size=world)
+    if rank == 0:
+        run.create()
+        from omegaconf import OmegaConf
+        atomic_write_text(run.config, OmegaConf.to_yaml(config_to_dict(cfg)))
+        write_json(run.plan, plan)
+    lock = run_lock(run) if rank == 0 else _no_lock()
+    with lock:
+        return _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_model_for, Diffusion,
+                             Tracker, config_to_dict)
+
+
+class _no_lock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_model_for, Diffusion, Tracker,
+                  config_to_dict) -> dict:
+    tc = cfg.train
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # Model, EMA, optimizer, diffusion.
+    model = build_model_for(cfg, plan).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                            weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    diffusion = Diffusion(cfg.diffusion)
+
+    # Resume from the newest checkpoint, if any.
+    step, img_seen = 0, 0
+    ckpt = load_latest(run, map_location=device)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        step, img_seen = int(ckpt["step"]), int(ckpt["img_seen"])
+        log(f"[train] {run.run_id}: resumed from step {step}")
+        del ckpt
+    if rank == 0:
+        truncate_jsonl(run.metrics, step)  # steps after the checkpoint are replayed and logged again
+    tracker = Tracker(cfg.wandb, run.run_id, cfg.sweep, run.path, config_to_dict(cfg), plan, rank)
+
+    def checkpoint_and_eval(step, img_seen):
+        if rank == 0:
+            save_checkpoint(run, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                  "step": step, "img_seen": img_seen, "rng": rng_state(),
+                                  "data": {"seed": cfg.seed, "position_img": img_seen},
+                                  "config": config_to_dict(cfg)})
+            _scheduled_evals(cfg, run, ema, plan, device, step, tracker)
+        if world > 1:
+            torch_dist.barrier()
+
+    if step >= tc.steps:
+        if rank == 0:
+            _scheduled_evals(cfg, run, ema, plan, device, None, tracker)
+            write_status(run, "done", step)
+        tracker.finish()
+        return read_status(run)
+
+    dataset = build_dataset(cfg.data)
+    loader = DataLoader(Flipped(dataset), num_workers=tc.num_workers, pin_memory=device.type == "cuda",
+                        batch_sampler=StepBatches(len(dataset), tc.batch_img, cfg.seed, step, tc.steps, rank,
+                                                  world, cfg.data.flip))
+    train_model = torch.compile(model) if tc.compile else model
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index]
+                                                                if device.type == "cuda" else None)
+    amp_dtype = autocast_dtype(tc.precision, device)
+    peak = peak_flops(device)
+
+    # SLURM sends SIGUSR2 before a time limit or preemption, SIGTERM on scancel: save at the next step boundary.
+    stop = {"signal": None}
+    handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
+                for s in (signal.SIGUSR2, signal.SIGTERM)}
+    if rank == 0:
+        write_status(run, "running", step)
+    log(f"[train] {run.run_id}: {plan['params'] / 1e6:.2f}M params, {plan['gflops_per_img']:.4g} Gflops/img, "
+        f"steps {step}->{tc.steps}, batch {tc.batch_img}, {device}, world {world}")
+    bar = tqdm(total=tc.steps, initial=step, disable=rank != 0 or not sys.stderr.isatty(), unit="step",
+               dynamic_ncols=True)
+    model.train()
+    t_log, steps_since_log, loss_sum, start_step = time.perf_counter(), 0, 0.0, step
+    try:
+        for batch in loader:
+            x, y = (t.to(device, non_blocking=True) for t in batch)
+            torch.manual_seed(step_seed(cfg.seed, rank, step))  # label dropout and everything below
+            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                losses = diffusion.training_losses(train_model, x, t, y)
+            loss = losses["loss"].mean()
+            loss_val = loss.item()
+            if not math.isfinite(loss_val):
+                raise FloatingPointError(f"loss is {loss_val} at step {step + 1}; the last good checkpoint is kept"
+                                         f" in {run.checkpoints}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0
+                                                       else float("inf"))
+            opt.step()
+            update_ema(ema, model, tc.ema_decay)
+            step += 1
+            img_seen += tc.batch_img
+            loss_sum += loss_val
+            steps_since_log += 1
+            bar.update(1)
+
+            if step % tc.log_every == 0 or step == tc.steps:
+                dt = time.perf_counter() - t_log
+                img_per_s = steps_since_log * tc.batch_img / dt
+                row = {"step": step, "img_seen": img_seen, "loss": loss_sum / steps_since_log,
+                       "mse": losses["mse"].mean().item(), "vlb": losses["vlb"].mean().item(), "lr": tc.lr,
+                       "grad_norm": float(grad_norm), "img_per_s": img_per_s, "wall_s": dt, "time": time.time()}
+                if device.type == "cuda":
+                    row["mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if peak:  # model flops: 3 passes x 2 flops per multiply-add (paper counts MACs)
+                        row["mfu"] = 3 * 2 * plan["gflops_per_img"] * 1e9 * img_per_s / (peak * world)
+                if rank == 0:
+                    append_jsonl(run.metrics, row)
+                    tracker.log(row)
+                    heartbeat(run)
+                    eta_s = (tc.steps - step) * dt / steps_since_log
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_per_s:.0f}")
+                    if bar.disable:  # no terminal (SLURM log, CI): a plain line with the rate and ETA
+                        log(f"[train] step {step}/{tc.steps} | loss {row['loss']:.4f} | {img_per_s:.1f} img/s | "
+                            f"ETA {_fmt_s(eta_s)}", flush=True)
+                t_log, steps_since_log, loss_sum = time.perf_counter(), 0, 0.0
+
+            if step % tc.ckpt_every == 0 or step == tc.steps or stop["signal"] is not None:
+                checkpoint_and_eval(step, img_seen)
+                if rank == 0 and tc.grid_every == 0:
+                    save_sample_grid(run, step, ema, cfg.diffusion, plan, device)
+            elif rank == 0 and tc.grid_every and step % tc.grid_every == 0:
+                save_sample_grid(run, step, ema, cfg.diffusion, plan, device)
+            if stop["signal"] is not None:
+                log(f"[train] {run.run_id}: signal {stop['signal']} -> saved step {step}, exiting for requeue")
+                if rank == 0:
+                    write_status(run, "preempted", step)
+                return read_status(run)
+    except BaseException as e:
+        if rank == 0:
+            write_status(run, "failed", step, error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        bar.close()
+        tracker.finish()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    if rank == 0:
+        write_status(run, "done", step, img_seen=img_seen, steps_this_launch=step - start_step)
+    return read_status(run)
+
+
+def _scheduled_evals(cfg, run, ema, plan, device, step, tracker) -> None:
+    """Inline evals (local runs): this checkpoint, or every checkpoint lacking an eval when step is None."""
+    if not cfg.eval.inline:
+        return
+    from scaling.evaluate import evaluate_checkpoint, missing_evals
+
+    todo = missing_evals(run.path, cfg.eval)
+    for s in todo if step is None else [s for s in todo if s == step]:
+        row = evaluate_checkpoint(run.path, s, cfg.eval, device=device)
+        tracker.summary({k: v for k, v in row.get("metrics", {}).items()})
+
+
+def _fmt_s(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def main(argv=None) -> int:
+    from scaling.config import config_from_overrides
+
+    cfg = config_from_overrides(sys.argv[1:] if argv is None else argv)
+    status = train(cfg)
+    print(f"[train] {status['state']} at step {status['step']}")
+    return 0 if status["state"] in ("done", "preempted") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

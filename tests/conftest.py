@@ -1,0 +1,15 @@
+import os
+
+import pytest
+import torch
+
+# Two CPU cores on CI: one thread per test process keeps timings predictable.
+torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+
+
+@pytest.fixture(scope="session")
+def reference_dir():
+    return REFERENCE_DIR
