@@ -1,0 +1,265 @@
+"""Run directories -> one tidy results table (docs/design.md, "Results table").
+
+One row per evaluated checkpoint and eval setting; a run without evals still gives one row (metrics empty,
+`step` empty) so that a status view can list it. Analysis reads only this table and `scaling/reference/`.
+
+    python -m scaling.results outputs/ [more_roots ...] [-o results.csv]
+
+Units: `gflops_per_img` is the forward cost of one image in Gflops, one fused multiply-add counted as one flop
+(the paper's convention); `train_flops` is in FLOPs (not Gflops):
+
+    train_flops = gflops_per_img * 1e9 * batch_img * step * 3      (paper Fig. 9: forward + backward ~ 3 forwards)
+
+`img_seen` comes from the eval row when it was logged, else batch_img * step.
+"""
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+from scaling.rundir import RunDir, read_json
+
+# The table's columns in order (docs/design.md); named metrics from evals.jsonl `metrics` follow them.
+COLUMNS = [
+    "run_id", "model", "family", "patch", "block", "params", "gflops_per_img", "tokens", "batch_img",
+    "step", "img_seen", "train_flops", "fid", "inception_score", "precision", "recall",
+    "feature_extractor", "num_samples", "sampler", "sampling_steps", "cfg_scale", "dataset", "resolution",
+    "metric_label", "metric_name", "seed", "eval_seed", "setting", "wall_s", "state", "last_step", "steps",
+]
+_INT_COLUMNS = ["patch", "params", "tokens", "batch_img", "step", "img_seen", "num_samples", "sampling_steps",
+                "resolution", "seed", "eval_seed", "last_step", "steps"]
+_FLOAT_COLUMNS = ["gflops_per_img", "train_flops", "fid", "inception_score", "precision", "recall",
+                  "cfg_scale", "wall_s"]
+_EVAL_KEYS = ["fid", "inception_score", "precision", "recall", "feature_extractor", "num_samples", "sampler",
+              "sampling_steps", "cfg_scale", "wall_s", "setting"]
+
+REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "dit_table4.csv"
+
+
+def samples_label(num_samples) -> str:
+    """50000 -> "50K", 1000 -> "1K", 2500 -> "2.5K", 500 -> "500"."""
+    n = int(num_samples)
+    return f"{n / 1000:g}K" if n >= 1000 else str(n)
+
+
+def metric_label(feature_extractor, num_samples) -> str:
+    """Human label of the `fid` column for axes: names the feature space, so no number passes for Inception FID.
+
+    inception -> "FID-50K (Inception)"; any other extractor -> "FD-1K (domain features)", a Frechet distance
+    never called FID (as scaling.evaluate.metric_name: inception_offline weights are not the reference ones).
+    """
+    if feature_extractor is None or (isinstance(feature_extractor, float) and pd.isna(feature_extractor)):
+        return ""
+    n = samples_label(num_samples) if num_samples is not None and not pd.isna(num_samples) else "?"
+    if feature_extractor == "inception":
+        return f"FID-{n} (Inception)"
+    return f"FD-{n} ({feature_extractor} features)"
+
+
+def train_flops(gflops_per_img, batch_img, step):
+    """Training compute in FLOPs (paper Fig. 9): gflops_per_img x 1e9 x batch_img x step x 3."""
+    return gflops_per_img * 1e9 * batch_img * step * 3
+
+
+# ----------------------------------------------------------------------------- reading run directories
+
+
+def _read_jsonl_counting(path) -> tuple[list[dict], int]:
+    """Rows of a JSONL file and the number of malformed lines skipped (torn writes, hand edits)."""
+    rows, bad = [], 0
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    bad += 1
+                    continue
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
+                    bad += 1
+    except FileNotFoundError:
+        pass
+    return rows, bad
+
+
+def _run_dirs(root: Path) -> tuple[list[RunDir], int]:
+    """Run directories under `root/runs/` with a plan.json (or `root` itself if it is one); count of the rest."""
+    if (root / "plan.json").is_file():
+        return [RunDir(root)], 0
+    runs_root = root / "runs"
+    if not runs_root.is_dir():
+        return [], 0
+    dirs = [p for p in sorted(runs_root.iterdir()) if p.is_dir()]
+    with_plan = [RunDir(p) for p in dirs if (p / "plan.json").is_file()]
+    return with_plan, len(dirs) - len(with_plan)
+
+
+def run_rows(run: RunDir) -> tuple[list[dict], int]:
+    """The table rows of one run directory and the number of malformed evals.jsonl lines skipped."""
+    plan = read_json(run.plan, default={}) or {}
+    status = read_json(run.status, default={}) or {}
+    evals, bad = _read_jsonl_counting(run.evals)
+    base = {
+        "run_id": plan.get("run_id", run.run_id), "model": plan.get("model"),
+        "family": plan.get("family") or ("paper" if str(plan.get("model", "")).startswith("dit_") else "laptop"),
+        "patch": plan.get("patch"), "block": plan.get("block"), "params": plan.get("params"),
+        "gflops_per_img": plan.get("gflops_per_img"), "tokens": plan.get("tokens"),
+        "batch_img": plan.get("batch_img"), "dataset": plan.get("dataset"),
+        "resolution": plan.get("resolution", plan.get("input_size")), "seed": plan.get("seed"),
+        "steps": plan.get("steps"), "state": status.get("state", "pending"), "last_step": status.get("step"),
+    }
+    if not evals:
+        return [dict(base)], bad
+    # One row per (step, setting); a checkpoint evaluated twice with one setting keeps the latest line.
+    latest = {}
+    for e in evals:
+        if "step" not in e:
+            bad += 1
+            continue
+        key = (e["step"], e.get("setting") or json.dumps({k: e.get(k) for k in _EVAL_KEYS[4:9]}, sort_keys=True))
+        latest[key] = e
+    rows = []
+    for e in latest.values():
+        row = dict(base)
+        row.update({k: e.get(k) for k in _EVAL_KEYS})
+        row["step"] = e["step"]
+        row["eval_seed"] = e.get("seed")
+        row["img_seen"] = e.get("img_seen")
+        if row["img_seen"] is None and base["batch_img"] is not None:
+            row["img_seen"] = base["batch_img"] * e["step"]
+        row["metric_label"] = metric_label(e.get("feature_extractor"), e.get("num_samples"))
+        row["metric_name"] = e.get("metric_name")
+        for name, value in (e.get("metrics") or {}).items():
+            if name not in COLUMNS:
+                row[name] = value
+        rows.append(row)
+    return rows, bad
+
+
+def tidy(rows: list[dict]) -> pd.DataFrame:
+    """Rows -> the table: fixed columns first, integer columns nullable, train_flops computed."""
+    df = pd.DataFrame(rows)
+    for c in COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    extra = sorted(c for c in df.columns if c not in COLUMNS)
+    df = df[COLUMNS + extra].copy()
+    for c in _FLOAT_COLUMNS + extra:
+        df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
+    for c in _INT_COLUMNS:
+        df[c] = pd.to_numeric(df[c], errors="coerce").round().astype("Int64")
+    df["train_flops"] = train_flops(df["gflops_per_img"], df["batch_img"].astype("float64"),
+                                    df["step"].astype("float64"))
+    for c in ("run_id", "model", "family", "block", "feature_extractor", "sampler", "dataset", "metric_label",
+              "metric_name", "setting", "state"):
+        df[c] = df[c].astype(object).where(df[c].notna(), None)
+    return df.sort_values(["run_id", "step", "setting"], na_position="first", kind="stable").reset_index(drop=True)
+
+
+def collect(roots) -> pd.DataFrame:
+    """Every run directory under one or more output roots -> one tidy DataFrame (columns: COLUMNS + metrics).
+
+    Missing files are tolerated (a run with only plan.json gives one row with empty metrics); malformed
+    evals.jsonl lines are skipped with one warning counting them; directories without plan.json are skipped
+    with a warning. A run id found under two roots is kept once (the first root wins).
+    """
+    if isinstance(roots, (str, Path)):
+        roots = [roots]
+    rows, bad_lines, no_plan, seen = [], 0, 0, set()
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise ValueError(f"output root {str(root)!r} does not exist")
+        runs, skipped = _run_dirs(root)
+        no_plan += skipped
+        for run in runs:
+            run_rows_, bad = run_rows(run)
+            bad_lines += bad
+            if run_rows_[0]["run_id"] in seen:
+                warnings.warn(f"run {run_rows_[0]['run_id']} found again under {root}; keeping the first copy")
+                continue
+            seen.add(run_rows_[0]["run_id"])
+            rows.extend(run_rows_)
+    if bad_lines:
+        warnings.warn(f"skipped {bad_lines} malformed evals.jsonl line(s)")
+    if no_plan:
+        warnings.warn(f"skipped {no_plan} run director(y/ies) without plan.json")
+    return tidy(rows)
+
+
+def paper_table(path=REFERENCE_CSV) -> pd.DataFrame:
+    """The paper's 12 published points (Table 4, FID-50K at 400K steps) as a results table.
+
+    Batch 256 and 400K steps (paper section 4), 250 DDPM steps, no guidance, Inception features, ImageNet 256.
+    """
+    ref = pd.read_csv(path)
+    need = {"model", "patch", "params_m", "gflops", "tokens", "fid50k_400k"}
+    if not need <= set(ref.columns):
+        raise ValueError(f"{path} lacks columns {sorted(need - set(ref.columns))}; expected dit_table4.csv")
+    batch_img, step = 256, 400_000
+    rows = [{
+        "run_id": f"{r.model}-p{r.patch}-paper", "model": r.model, "family": "paper", "patch": r.patch,
+        "block": "adaln_zero", "params": r.params_m * 1e6, "gflops_per_img": r.gflops, "tokens": r.tokens,
+        "batch_img": batch_img, "step": step, "img_seen": batch_img * step, "fid": r.fid50k_400k,
+        "feature_extractor": "inception", "num_samples": 50_000, "sampler": "ddpm", "sampling_steps": 250,
+        "cfg_scale": 1.0, "dataset": "imagenet", "resolution": 256, "setting": "paper",
+        "metric_label": metric_label("inception", 50_000), "metric_name": "fid50k_inception", "state": "done",
+        "last_step": step, "steps": step,
+    } for r in ref.itertuples()]
+    return tidy(rows)
+
+
+def read_table(path) -> pd.DataFrame:
+    """A results table from results.csv / .parquet, the reference dit_table4.csv, or an output root."""
+    path = Path(path)
+    if path.is_dir():
+        return collect([path])
+    if not path.is_file():
+        raise ValueError(f"{str(path)!r} is neither a results file nor an output root")
+    if path.suffix == ".parquet":
+        return tidy(pd.read_parquet(path).to_dict("records"))
+    if path.suffix != ".csv":
+        raise ValueError(f"{str(path)!r}: expected .csv, .parquet or a directory")
+    df = pd.read_csv(path)
+    if "fid50k_400k" in df.columns:
+        return paper_table(path)
+    return tidy(df.to_dict("records"))
+
+
+def write_table(df: pd.DataFrame, out) -> list[Path]:
+    """results.csv (and results.parquet next to it when pyarrow is installed)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    written = [out]
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        return written
+    df.to_parquet(out.with_suffix(".parquet"), index=False)
+    return written + [out.with_suffix(".parquet")]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m scaling.results", description=__doc__.splitlines()[0])
+    ap.add_argument("roots", nargs="+", help="output roots (each holding runs/<run_id>/)")
+    ap.add_argument("-o", "--out", default="results.csv", help="CSV to write (default results.csv)")
+    args = ap.parse_args(argv)
+    df = collect(args.roots)
+    written = write_table(df, args.out)
+    evaluated = df["fid"].notna().sum()
+    print(f"{df['run_id'].nunique()} runs, {evaluated} evaluated rows -> {', '.join(map(str, written))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

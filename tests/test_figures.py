@@ -1,0 +1,189 @@
+import json
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.figures import (PAPER_LABEL, NoData, fig5_blocks, fig6_steps, fig8_gflops, fig9_train_compute,
+                              fig10_sampling_compute, main, model_label)
+from fakes import make_fake_run, make_laptop_grid
+from scaling.results import REFERENCE_CSV, collect, paper_table
+
+
+@pytest.fixture(scope="module")
+def laptop(tmp_path_factory):
+    """The synthetic 12-run laptop grid with a sampling study and four block designs for the /2 models."""
+    root = tmp_path_factory.mktemp("laptop")
+    make_laptop_grid(root, sampling_study=(10, 25, 50, 250),
+                     blocks=("adaln_zero", "adaln", "cross_attn", "in_context"))
+    return collect([root])
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return paper_table()
+
+
+def _lines(out):
+    """gid -> (x, y) of every line drawn on the figure's axes."""
+    return {ln.get_gid(): (np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float))
+            for ln in out.fig.axes[0].get_lines() if ln.get_gid()}
+
+
+def _check_files(out):
+    png, pdf, csv = out.paths
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pdf.read_bytes()[:5] == b"%PDF-"
+    back = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    pd.testing.assert_frame_equal(back, out.data.reset_index(drop=True), check_dtype=False)
+    return back
+
+
+def _check_series(out, csv, x, y, key="run_id"):
+    lines = _lines(out)
+    for run, g in csv.groupby(key):
+        lx, ly = lines[run]
+        np.testing.assert_allclose(lx, g[x].to_numpy(float))
+        np.testing.assert_allclose(ly, g[y].to_numpy(float))
+
+
+def test_model_labels():
+    assert model_label("dit_xl", 2) == "DiT-XL/2"
+    assert model_label("laptop_xl", 2, "laptop") == "Laptop-XL/2"
+    assert model_label("laptop_s", 8) == "Laptop-S/8"
+
+
+def test_fig6_on_laptop_grid(laptop, tmp_path):
+    out = fig6_steps(laptop, tmp_path)
+    csv = _check_files(out)
+    assert csv["run_id"].nunique() == 12 and len(csv) == 12 * 6  # adaLN-Zero only, main eval setting only
+    _check_series(out, csv, "step", "fid")
+    ax = out.fig.axes[0]
+    assert ax.get_yscale() == "log"
+    assert ax.get_ylabel() == "FD-1K (domain features)"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0] == "Laptop-S/8" and labels[-1] == "Laptop-XL/2" and len(labels) == 12
+
+
+def test_fig6_on_reference(paper, tmp_path):
+    out = fig6_steps(paper, tmp_path)
+    csv = _check_files(out)
+    assert len(csv) == 12 and set(csv["step"]) == {400_000}
+    assert out.fig.axes[0].get_ylabel() == "FID-50K (Inception)"
+
+
+def test_fig8_reference_reproduces_paper(paper, tmp_path):
+    out = fig8_gflops(paper, tmp_path, n_boot=200)
+    csv = _check_files(out)
+    pts = csv[csv["kind"] == "point"]
+    ref = pd.read_csv(REFERENCE_CSV)
+    assert len(pts) == 12
+    np.testing.assert_allclose(sorted(zip(pts["gflops_per_img"], pts["fid"])),
+                               sorted(zip(ref["gflops"], ref["fid50k_400k"])))
+    assert set(pts["label"]) == {f"DiT-{m.split('_')[1].upper()}/{p}" for m, p in zip(ref["model"], ref["patch"])}
+    _check_series(out, pts, "gflops_per_img", "fid")
+    fit = csv[csv["kind"] == "fit"]
+    lines = _lines(out)
+    np.testing.assert_allclose(lines["fit"][1], fit["fid"])
+    assert (fit["fid_lo"] <= fit["fid"]).all() and (fit["fid"] <= fit["fid_hi"]).all()
+    assert round(out.fits["pearson_r_log10_gflops"], 2) == -0.93
+    assert "= -0.93" in out.fig.axes[0].get_title()
+    assert out.fits["step"] == 400_000
+    lo, hi = out.fits["power_law"]["ci"]["alpha"]
+    assert lo < out.fits["power_law"]["fit"]["alpha"] < hi
+    ax = out.fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+
+
+def test_fig8_laptop_with_paper_overlay(laptop, tmp_path):
+    out = fig8_gflops(laptop, tmp_path, overlay_paper=True, n_boot=100)
+    csv = _check_files(out)
+    assert out.fits["step"] == 8000  # the largest step every run reached
+    assert len(csv[csv["kind"] == "point"]) == 12 and len(csv[csv["kind"] == "paper"]) == 12
+    lines = _lines(out)
+    np.testing.assert_allclose(lines["paper"][1], csv.loc[csv["kind"] == "paper", "fid"])
+    texts = [t.get_text() for leg in out.fig.axes[0].findobj(lambda a: a.__class__.__name__ == "Legend")
+             for t in leg.get_texts()]
+    assert PAPER_LABEL in texts
+    ylabel = out.fig.axes[0].get_ylabel()
+    assert ylabel == "FD-1K (domain features)" and "FID" not in ylabel
+    assert out.fits["pearson_r_log10_gflops"] < -0.8
+    assert out.fits["held_out_largest"]["held_out"][0]["run_id"].startswith("laptop_xl-p2-adaln_zero")
+
+
+def test_fig8_default_step_is_common_to_all_runs(tmp_path):
+    for i, size in enumerate(("s", "b", "l")):
+        steps = [100, 200, 300] if size != "l" else [100, 200]
+        make_fake_run(tmp_path, f"laptop_{size}", 4, evals=[{"step": s, "fid": 100.0 / (i + 1) / s} for s in steps])
+    out = fig8_gflops(collect(tmp_path), tmp_path / "figs", n_boot=20)
+    assert out.fits["step"] == 200
+    with pytest.raises(NoData, match="at least 3 runs evaluated at step 300"):
+        fig8_gflops(collect(tmp_path), tmp_path / "figs", step=300)
+
+
+def test_fig9_on_laptop_grid(laptop, tmp_path):
+    out = fig9_train_compute(laptop, tmp_path, n_boot=30)
+    csv = _check_files(out)
+    ckpt = csv[csv["kind"] == "checkpoint"]
+    assert len(ckpt) == 72
+    np.testing.assert_allclose(ckpt["train_flops"], [laptop.set_index(["run_id", "step", "setting"]).loc[
+        (r, s, "domain-n1000-ddpm100-cfg1.0-s0"), "train_flops"] for r, s in zip(ckpt["run_id"], ckpt["step"])])
+    _check_series(out, ckpt, "train_flops", "fid")
+    front = csv[csv["kind"] == "frontier"]
+    np.testing.assert_allclose(_lines(out)["frontier"][1], front["fid"])
+    assert (np.diff(front["fid"]) < 0).all()
+    assert 0.1 < out.fits["frontier_power_law"]["fit"]["alpha"] < 1.0
+    assert sum(out.fits["compute_optimal"]["fraction_best"].values()) == pytest.approx(1.0)
+
+
+def test_fig9_on_reference(paper, tmp_path):
+    out = fig9_train_compute(paper, tmp_path, n_boot=20)
+    csv = _check_files(out)
+    assert len(csv[csv["kind"] == "checkpoint"]) == 12
+
+
+def test_fig10_sampling_study(laptop, paper, tmp_path):
+    out = fig10_sampling_compute(laptop, tmp_path)
+    csv = _check_files(out)
+    assert csv["run_id"].nunique() == 12 and sorted(set(csv["sampling_steps"])) == [10, 25, 50, 100, 250]
+    np.testing.assert_allclose(csv["sampling_gflops"], [
+        laptop.loc[laptop["run_id"] == r, "gflops_per_img"].iloc[0] * k
+        for r, k in zip(csv["run_id"], csv["sampling_steps"])])
+    _check_series(out, csv, "sampling_gflops", "fid")
+    with pytest.raises(NoData, match="sampling step counts"):
+        fig10_sampling_compute(paper, tmp_path)
+
+
+def test_fig5_block_designs(laptop, paper, tmp_path):
+    out = fig5_blocks(laptop, tmp_path)
+    csv = _check_files(out)
+    assert set(csv["block"]) == {"adaln_zero", "adaln", "cross_attn", "in_context"}
+    assert csv["run_id"].str.startswith("laptop_xl-p2").all()  # the largest model with several designs
+    _check_series(out, csv, "step", "fid")
+    with pytest.raises(NoData, match="2\\+ block designs"):
+        fig5_blocks(paper, tmp_path)
+
+
+def test_cli_reference_builds_fig8_and_fits(tmp_path, capsys):
+    assert main([str(REFERENCE_CSV), "-o", str(tmp_path), "--n-boot", "50"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "fig8_fid_vs_gflops.csv", "fig8_fid_vs_gflops.pdf", "fig8_fid_vs_gflops.png", "fits.json"]
+    fits = json.loads((tmp_path / "fits.json").read_text())
+    assert round(fits["fig8"]["pearson_r_log10_gflops"], 2) == -0.93
+    assert "Pearson r(metric, log10 Gflops) = -0.93" in capsys.readouterr().out
+
+
+def test_cli_output_root_skips_figures_without_data(tmp_path, capsys):
+    root = tmp_path / "out"
+    make_laptop_grid(root, eval_steps=(100, 200, 400))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([str(root), "-o", str(tmp_path / "figs"), "--n-boot", "20", "--overlay-paper"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped fig5: no model was trained with 2+ block designs" in printed
+    assert "skipped fig10" in printed
+    names = {p.name for p in (tmp_path / "figs").iterdir()}
+    assert {"fig6_fid_vs_steps.png", "fig8_fid_vs_gflops.pdf", "fig9_fid_vs_train_compute.csv", "fits.json"} <= names
+    fits = json.loads((tmp_path / "figs" / "fits.json").read_text())
+    assert set(fits) == {"fig8", "fig9"}

@@ -1,0 +1,115 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from fakes import make_fake_run
+from scaling.results import (COLUMNS, REFERENCE_CSV, collect, main, metric_label, paper_table, read_table,
+                             write_table)
+
+
+def test_metric_label_names_the_feature_space():
+    assert metric_label("inception", 50_000) == "FID-50K (Inception)"
+    assert metric_label("inception_offline", 1000) == "FD-1K (inception_offline features)"
+    assert metric_label("domain", 1000) == "FD-1K (domain features)"
+    assert metric_label("domain", 2500) == "FD-2.5K (domain features)"
+    assert metric_label("domain", 500) == "FD-500 (domain features)"
+    assert "FID" not in metric_label("domain", 50_000)
+    assert metric_label(None, None) == ""
+
+
+def _runs(root):
+    make_fake_run(root, "laptop_b", 2, evals=[
+        {"step": 100, "fid": 90.0}, {"step": 200, "fid": 60.0},
+        {"step": 200, "fid": 30.0, "feature_extractor": "inception", "num_samples": 50_000, "sampling_steps": 250},
+    ], batch_img=32, gflops_per_img=0.25)
+    make_fake_run(root, "laptop_s", 8, files=("plan",))  # only plan.json: no status, no evals
+    make_fake_run(root, "laptop_l", 4, evals=[{"step": 50, "fid": 120.0}],
+                  extra_eval_lines=['{"step": 60, "fid": 1', "not json", "[1, 2]"])
+
+
+def test_collect_one_row_per_checkpoint_and_setting(tmp_path):
+    _runs(tmp_path)
+    with pytest.warns(UserWarning, match="skipped 3 malformed evals.jsonl line"):
+        df = collect([tmp_path])
+    assert list(df.columns[:len(COLUMNS)]) == COLUMNS
+    assert df["run_id"].nunique() == 3
+    b = df[df["model"] == "laptop_b"].sort_values(["step", "fid"])
+    assert len(b) == 3
+    assert b["step"].tolist() == [100, 200, 200]
+    # train_flops = gflops x 1e9 x batch x step x 3, in FLOPs
+    np.testing.assert_allclose(b["train_flops"], 0.25e9 * 32 * np.array([100, 200, 200]) * 3)
+    assert b["img_seen"].tolist() == [3200, 6400, 6400]
+    assert sorted(b["metric_label"]) == ["FD-1K (domain features)", "FD-1K (domain features)", "FID-50K (Inception)"]
+    assert b["family"].unique().tolist() == ["laptop"]
+    # named metrics from evals.jsonl become columns
+    assert "fd1k_domain" in df.columns and b["fd1k_domain"].notna().sum() == 2
+
+
+def test_run_without_evals_still_appears(tmp_path):
+    _runs(tmp_path)
+    with pytest.warns(UserWarning):
+        df = collect([tmp_path])
+    s = df[df["model"] == "laptop_s"]
+    assert len(s) == 1
+    assert pd.isna(s["fid"].iloc[0]) and pd.isna(s["step"].iloc[0])
+    assert s["state"].iloc[0] == "pending"  # no status.json yet
+    assert s["params"].iloc[0] > 0 and s["gflops_per_img"].iloc[0] > 0
+
+
+def test_reevaluated_checkpoint_keeps_latest_line(tmp_path):
+    make_fake_run(tmp_path, "laptop_s", 4, evals=[{"step": 100, "fid": 50.0}, {"step": 100, "fid": 40.0}])
+    df = collect(tmp_path)
+    assert df["fid"].tolist() == [40.0]
+
+
+def test_several_roots_and_bad_root(tmp_path):
+    make_fake_run(tmp_path / "a", "laptop_s", 4, evals=[{"step": 10, "fid": 5.0}])
+    make_fake_run(tmp_path / "b", "laptop_b", 4, evals=[{"step": 10, "fid": 4.0}])
+    (tmp_path / "b" / "runs" / "half_created").mkdir()
+    with pytest.warns(UserWarning, match="without plan.json"):
+        df = collect([tmp_path / "a", tmp_path / "b"])
+    assert sorted(df["model"]) == ["laptop_b", "laptop_s"]
+    with pytest.raises(ValueError, match="does not exist"):
+        collect([tmp_path / "missing"])
+
+
+def test_cli_writes_csv_that_reads_back(tmp_path, capsys):
+    make_fake_run(tmp_path, "laptop_xl", 2, evals=[{"step": 10, "fid": 5.0}, {"step": 20, "fid": 3.0}])
+    out = tmp_path / "out" / "results.csv"
+    assert main([str(tmp_path), "-o", str(out)]) == 0
+    assert "1 runs, 2 evaluated rows" in capsys.readouterr().out
+    back = read_table(out)
+    direct = collect(tmp_path)
+    pd.testing.assert_frame_equal(back[COLUMNS], direct[COLUMNS], check_dtype=False)
+    # an output root reads the same as its CSV
+    pd.testing.assert_frame_equal(read_table(tmp_path)[COLUMNS], direct[COLUMNS])
+
+
+def test_paper_table_from_reference():
+    reference_csv = REFERENCE_CSV
+    df = paper_table(reference_csv)
+    ref = pd.read_csv(reference_csv)
+    assert len(df) == 12 and set(df["metric_label"]) == {"FID-50K (Inception)"}
+    xl2 = df[(df["model"] == "dit_xl") & (df["patch"] == 2)].iloc[0]
+    assert xl2["fid"] == 19.47 and xl2["gflops_per_img"] == 118.64
+    assert xl2["train_flops"] == pytest.approx(118.64e9 * 256 * 400_000 * 3)
+    np.testing.assert_allclose(sorted(df["fid"]), sorted(ref["fid50k_400k"]))
+    # read_table recognises the reference CSV
+    pd.testing.assert_frame_equal(read_table(reference_csv), df)
+
+
+def test_write_table_roundtrip(tmp_path):
+    df = paper_table()
+    written = write_table(df, tmp_path / "r.csv")
+    assert written[0].is_file()
+    assert written[0].read_text().splitlines()[0].startswith("run_id,model,family,patch,block,params")
+    pd.testing.assert_frame_equal(read_table(written[0])[COLUMNS], df[COLUMNS], check_dtype=False)
+
+
+def test_read_table_rejects_other_files(tmp_path):
+    p = tmp_path / "x.txt"
+    p.write_text("hi")
+    with pytest.raises(ValueError, match="expected .csv"):
+        read_table(p)
+    with pytest.raises(ValueError, match="neither a results file"):
+        read_table(tmp_path / "nope.csv")
