@@ -227,7 +227,8 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
     tc = cfg.train
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    # Model, EMA, optimizer, diffusion.
+    # Model, EMA, optimizer, diffusion. The initial weights depend on the seed only.
+    torch.manual_seed(cfg.seed)
     model = build_model_for(cfg, plan).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
@@ -343,6 +344,11 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
                 log(f"[train] {run.run_id}: signal {stop['signal']} -> saved step {step}, exiting for requeue")
                 if rank == 0:
                     write_status(run, "preempted", step)
+                previous = handlers[stop["signal"]]
+                if callable(previous):  # e.g. submitit's handler under SLURM: it requeues the job and exits
+                    bar.close()
+                    tracker.finish()
+                    previous(stop["signal"], None)
                 return read_status(run)
     except BaseException as e:
         if rank == 0:
