@@ -1,0 +1,525 @@
+"""Evaluation: sample a checkpoint to disk, score the samples in a named feature space, append to evals.jsonl.
+
+    evaluate_checkpoint(run_dir, step, eval_cfg)
+      load_model (EMA weights) -> sample_to_npz (ADM batch .npz, resumable, sharded over ranks)
+      -> compute_metrics (torch-fidelity, one pass, one feature extractor: FD, IS, precision/recall, KID)
+      -> one row in <run>/evals.jsonl per (step, setting)
+
+Every number carries its feature space and sample count in its name: `fid50k_inception` is FID in the paper's
+sense (torch-fidelity's Inception weights); `fd1k_inception_offline`, `fd1k_domain`, `is1k_domain`,
+`precision1k_domain`, `recall1k_domain` are Frechet distances / scores in other feature spaces (scaling.features).
+The reference set is `num_ref` images of the training data (an evenly strided subset); its features and
+statistics are cached under a key holding the backend's weights hash and the data's hash.
+
+    python -m scaling.evaluate <run_dir> [--step S] [--num-samples N] [--backend B] [--sampler ddpm|ddim] ...
+    python -m scaling.evaluate --npz samples.npz --dataset animal_mnist --image-size 32 --backend domain
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+SAMPLERS = ("ddpm", "ddim")
+PRC_NEIGHBOURHOOD = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019; ADM's evaluator uses k = 3)
+DEFAULT_NUM_REF = 10_000
+
+
+@dataclass
+class EvalConfig:
+    backend: str = "domain"              # inception | inception_offline | domain (scaling.features)
+    num_samples: int = 1000              # generated images per evaluation (the paper: 50,000)
+    sampler: str = "ddpm"                # ddpm | ddim
+    sampling_steps: int = 250            # respaced steps (the paper: 250 DDPM steps)
+    cfg_scale: float = 1.0               # classifier-free guidance scale; 1.0 = off (the scaling study)
+    guide_channels: Optional[int] = None  # channels guided (None = all epsilon channels)
+    seed: int = 0                        # sampling seed: labels and noise of every batch derive from it
+    batch_size: int = 256                # images per sampling batch (per rank)
+    inline: bool = True                  # evaluate right after each checkpoint in local runs
+    every_ckpt: int = 1                  # evaluate the k-th, 2k-th, ... checkpoint in step order
+    inception_weights: Optional[str] = None  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
+    precision_recall: bool = True
+    kid: bool = False
+    export_npz: bool = True              # keep the samples .npz (ADM batch layout) in <run>/samples/
+    num_ref: int = DEFAULT_NUM_REF       # reference images from the training set (all when fewer)
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """One-line ValueErrors naming the bad value and the allowed values."""
+    from scaling.features import BACKENDS
+
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"eval.backend={cfg.backend!r}; allowed: {', '.join(BACKENDS)}")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"eval.sampler={cfg.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    for key in ("num_samples", "sampling_steps", "batch_size", "every_ckpt", "num_ref"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) <= 0:
+            raise ValueError(f"eval.{key}={getattr(cfg, key)!r}; allowed: an integer >= 1")
+    if cfg.cfg_scale < 1.0:
+        raise ValueError(f"eval.cfg_scale={cfg.cfg_scale}; allowed: >= 1.0 (1.0 = no guidance)")
+    if cfg.guide_channels is not None and cfg.guide_channels < 1:
+        raise ValueError(f"eval.guide_channels={cfg.guide_channels}; allowed: None or >= 1")
+    if cfg.precision_recall and min(cfg.num_samples, cfg.num_ref) <= PRC_NEIGHBOURHOOD:
+        raise ValueError(f"eval.num_samples={cfg.num_samples}, eval.num_ref={cfg.num_ref}: precision/recall with "
+                         f"k={PRC_NEIGHBOURHOOD} needs more than {PRC_NEIGHBOURHOOD} of each; allowed: >= "
+                         f"{PRC_NEIGHBOURHOOD + 1}, or eval.precision_recall=false")
+
+
+def setting_key(cfg: EvalConfig) -> str:
+    """Short stable key of an eval setting, e.g. 'domain-n1000-ddpm250-cfg1.0-s0' (rows are unique per step)."""
+    key = f"{cfg.backend}-n{cfg.num_samples}-{cfg.sampler}{cfg.sampling_steps}-cfg{float(cfg.cfg_scale)}-s{cfg.seed}"
+    if cfg.guide_channels is not None:
+        key += f"-g{cfg.guide_channels}"
+    if cfg.num_ref != DEFAULT_NUM_REF:
+        key += f"-ref{cfg.num_ref}"
+    return key
+
+
+def count_label(n: int) -> str:
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def metric_name(kind: str, backend: str, num_samples: int) -> str:
+    """'fd' -> fid50k_inception for torch-fidelity's Inception, fd1k_domain etc. elsewhere (never 'fid')."""
+    if kind == "fd":
+        kind = "fid" if backend == "inception" else "fd"
+    return f"{kind}{count_label(num_samples)}_{backend}"
+
+
+# ----------------------------------------------------------------------------- sampling to disk
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    return (seed * 1_000_003 + batch * 10_007 + 1) % (2**63)
+
+
+def balanced_labels(num_samples: int, num_classes: int, seed: int) -> torch.Tensor:
+    """Label i is i % num_classes, shuffled by a permutation seeded by `seed`: every class equally often."""
+    perm = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed))
+    return (torch.arange(num_samples) % num_classes)[perm]
+
+
+def _dist():
+    """(rank, world) of torch.distributed, (0, 1) when it is not initialised."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _save_npz(path: Path, **arrays) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler: str = "ddpm",
+                  sampling_steps: int = 250, cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 256,
+                  out_path, vae=None, latent_scale: float = 0.18215, guide_channels: Optional[int] = None,
+                  device=None, distributed: Optional[bool] = None, progress: bool = True) -> Path:
+    """Draw `num_samples` class-conditional samples into `out_path`, the ADM batch .npz:
+    arr_0 (N, H, W, 3) uint8 (grey repeated to 3 channels), arr_1 (N,) int64 labels.
+
+    Labels are balanced (`balanced_labels`); batch b draws its noise from a generator seeded by (seed, b), so the
+    result does not depend on interruptions or on the number of ranks. Each batch is written as a shard in
+    `<out>.parts/`; a rerun skips shards that exist, then the shards are assembled and removed. With
+    torch.distributed (distributed=None: when initialised) rank r draws batches r, r + world, ... and rank 0
+    assembles after a barrier. Latent models are decoded through `vae`.
+    """
+    from scaling.data import decode_latents
+    from scaling.diffusion import Diffusion, sample
+    from scaling.features import to_uint8
+
+    out_path = Path(out_path)
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("distributed=True but torch.distributed is not initialised")
+    rank, world = (0, 1) if distributed is False else _dist()
+    device = torch.device(device or next(model.parameters()).device)
+    parts = out_path.with_name(out_path.name + ".parts")
+    spec = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed, "sampler": sampler,
+            "sampling_steps": sampling_steps, "cfg_scale": float(cfg_scale), "guide_channels": guide_channels}
+    parts.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        spec_file = parts / "spec.json"
+        if spec_file.is_file() and json.loads(spec_file.read_text()) != spec:
+            print(f"[evaluate] {parts} holds shards of another setting; discarding them", file=sys.stderr)
+            for f in parts.glob("batch_*.npz"):
+                f.unlink()
+        spec_file.write_text(json.dumps(spec, sort_keys=True))
+    if world > 1:
+        torch.distributed.barrier()
+
+    diffusion = Diffusion(diffusion_cfg)
+    model.eval()
+    labels = balanced_labels(num_samples, plan["num_classes"], seed)
+    num_batches = -(-num_samples // batch_size)
+    mine = [b for b in range(rank, num_batches, world) if not (parts / f"batch_{b:06d}.npz").is_file()]
+    shape = (plan["in_channels"], plan["input_size"], plan["input_size"])
+    for b in tqdm(mine, desc=f"sample {sampler}{sampling_steps} (rank {rank})", unit="batch",
+                  disable=not progress or rank != 0):
+        y = labels[b * batch_size:(b + 1) * batch_size].to(device)
+        g = torch.Generator(device).manual_seed(batch_seed(seed, b))
+        x = sample(model, diffusion, y, (len(y), *shape), sampler=sampler, num_steps=sampling_steps,
+                   cfg_scale=cfg_scale, guide_channels=guide_channels, generator=g,
+                   clip_denoised=plan.get("pixel_space", True))               # (B, C, h, w) model space
+        if not plan.get("pixel_space", True):
+            x = decode_latents(vae, x, latent_scale)                            # (B, 3, H, W) in [-1, 1]
+        images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()                 # (B, H, W, 3) uint8
+        _save_npz(parts / f"batch_{b:06d}.npz", arr_0=images, arr_1=y.cpu().numpy())
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        missing = [b for b in range(num_batches) if not (parts / f"batch_{b:06d}.npz").is_file()]
+        if missing:
+            raise RuntimeError(f"{len(missing)} sample shards missing in {parts} (first: batch {missing[0]}); "
+                               f"rerun to draw them")
+        shards = [np.load(parts / f"batch_{b:06d}.npz") for b in range(num_batches)]
+        _save_npz(out_path, arr_0=np.concatenate([s["arr_0"] for s in shards]),
+                  arr_1=np.concatenate([s["arr_1"] for s in shards]))
+        for b in range(num_batches):
+            (parts / f"batch_{b:06d}.npz").unlink()
+        (parts / "spec.json").unlink()
+        parts.rmdir()
+    if world > 1:
+        torch.distributed.barrier()
+    return out_path
+
+
+def save_grid(images: np.ndarray, path, nrow: int = 8) -> None:
+    """A PNG grid of uint8 images (N, H, W, 3)."""
+    from torchvision.utils import save_image
+
+    save_image(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255, path, nrow=nrow)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+class UInt8Images(Dataset):
+    """uint8 images (N, H, W, 3), e.g. arr_0 of an ADM .npz, as torch-fidelity reads them: (3, H, W) uint8."""
+
+    def __init__(self, images: np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+
+
+class ReferenceImages(Dataset):
+    """Images `indices` of a pixel dataset as uint8 (3, H, W), read only when features are not cached."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, np.asarray(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        from scaling.features import to_uint8
+
+        return to_uint8(self.dataset[int(self.indices[i])][0][None])[0]
+
+
+def pixel_data_config(data_cfg):
+    """The pixel images behind a dataset: latents -> the image folder they were encoded from. The whole set
+    (max_images, a quick-run subset, is dropped): the reference is the data distribution."""
+    from scaling.data import DataConfig, read_latent_meta
+
+    if data_cfg.name != "latents":
+        return replace(data_cfg, max_images=None)
+    meta = read_latent_meta(data_cfg)
+    return DataConfig(name="image_folder", path=meta["source"], image_size=meta["image_size"])
+
+
+def reference_set(data_cfg, num_ref: int):
+    """(ReferenceImages of min(num_ref, len) evenly strided training images, sha256 of the whole dataset)."""
+    from scaling.data import build_dataset, strided_subset
+    from scaling.features import dataset_fingerprint
+
+    dataset = build_dataset(data_cfg)
+    return ReferenceImages(dataset, strided_subset(len(dataset), num_ref)), dataset_fingerprint(dataset)
+
+
+def reference_key(data_cfg, space, num_ref: int, data_sha: str) -> str:
+    """Cache name of the reference features: dataset, resolution, N, backend, weights hash, data hash."""
+    return (f"ref-{data_cfg.name}{data_cfg.image_size}-n{num_ref}-{space.backend}-w{space.weights_sha[:12]}"
+            f"-d{data_sha[:12]}")
+
+
+class _WithoutLines:
+    """A stderr that drops the lines starting with one of `prefixes` (progress bars pass through)."""
+
+    def __init__(self, stream, prefixes):
+        self.stream, self.prefixes, self.dropping = stream, tuple(prefixes), False
+
+    def write(self, text: str) -> int:
+        drop = text.startswith(self.prefixes) or (self.dropping and text == "\n")
+        self.dropping = text.startswith(self.prefixes)
+        return len(text) if drop else self.stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def compute_metrics(samples: Dataset, reference: Dataset, space, *, reference_key: Optional[str] = None,
+                    isc: bool = True, prc: bool = True, kid: bool = False, batch_size: int = 64,
+                    cuda: Optional[bool] = None, progress: bool = True) -> dict:
+    """FD, IS, precision/recall and KID of `samples` against `reference` in one torch-fidelity pass.
+
+    Both are Datasets of uint8 (3, H, W) images. With `reference_key` the reference features (and FD
+    statistics) are cached under cache_dir()/fidelity, so the reference is read once. IS is None where the
+    feature space has no class logits. Returns {fd, is, is_std, precision, recall, f_score, kid, kid_std}.
+    """
+    import torch_fidelity
+
+    from scaling.features import cache_dir, register_extractors
+
+    register_extractors()
+    n1, n2 = len(samples), len(reference)
+    isc = isc and space.is_layer is not None
+    layers = {f"feature_layer_{m}": space.fd_layer for m in ("fid", "kid", "prc")}
+    # torch-fidelity prints every result as "Frechet Inception Distance", "Inception Score", ... whatever the
+    # feature space: keep its progress bars, drop those lines (the caller logs the values under their names).
+    unnamed = ["Frechet Inception Distance:", "Inception Score:", "Kernel Inception Distance:", "Precision:",
+               "Recall:", "F-score:"]
+    with contextlib.redirect_stderr(_WithoutLines(sys.stderr, unnamed)):
+        r = torch_fidelity.calculate_metrics(
+            input1=samples, input2=reference, cuda=torch.cuda.is_available() if cuda is None else cuda,
+            batch_size=batch_size, fid=True, isc=isc, prc=prc, kid=kid, feature_extractor=space.extractor,
+            feature_layer_isc=space.is_layer, **layers, feature_extractor_weights_path=space.weights_path,
+            prc_neighborhood=PRC_NEIGHBOURHOOD, isc_splits=min(10, n1), kid_subset_size=min(1000, n1, n2),
+            save_cpu_ram=True,  # no DataLoader workers for in-memory images; the batched precision/recall path
+            cache=reference_key is not None, cache_root=str(cache_dir() / "fidelity"),
+            input2_cache_name=reference_key, verbose=progress)
+    return {"fd": r["frechet_inception_distance"], "is": r.get("inception_score_mean"),
+            "is_std": r.get("inception_score_std"), "precision": r.get("precision"), "recall": r.get("recall"),
+            "f_score": r.get("f_score"), "kid": r.get("kernel_inception_distance_mean"),
+            "kid_std": r.get("kernel_inception_distance_std")}
+
+
+def frechet_distance(features_1: torch.Tensor, features_2: torch.Tensor) -> float:
+    """FD between two feature sets (N, d), through the functions calculate_metrics uses (statistics -> metric):
+    |mu_1 - mu_2|^2 + tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)) (Heusel et al. 2017, eq. 6)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    stats = [fid_features_to_statistics(f) for f in (features_1, features_2)]
+    return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+
+
+def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = PRC_NEIGHBOURHOOD) -> tuple[float, float]:
+    """Improved precision/recall (Kynkaanniemi et al. 2019) through torch-fidelity: precision = share of fake
+    features inside some real feature's k-NN ball; recall = share of real inside some fake's ball."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    r = prc_features_to_metric(fake, real, prc_neighborhood=k, save_cpu_ram=True, verbose=False)
+    return r["precision"], r["recall"]
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
+    """IS = exp E_x KL(p(y|x) || p(y)) per split, mean and std over splits (Salimans et al. 2016), through
+    torch-fidelity (samples shuffled with its default seed 2020 before splitting)."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    r = isc_features_to_metric(logits, splits=splits)
+    return r["inception_score_mean"], r["inception_score_std"]
+
+
+def named_metrics(raw: dict, backend: str, num_samples: int) -> dict:
+    """{'fd1k_domain': .., 'is1k_domain': .., ...}: the values present, each named with its space and N."""
+    kinds = {"fd": "fd", "is": "is", "precision": "precision", "recall": "recall", "kid": "kid"}
+    return {metric_name(kind, backend, num_samples): raw[k] for k, kind in kinds.items() if raw.get(k) is not None}
+
+
+# ----------------------------------------------------------------------------- checkpoints and evals.jsonl
+
+
+def as_run(run_dir):
+    from scaling.rundir import RunDir
+
+    return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+
+
+def run_eval_config(run_dir) -> EvalConfig:
+    """The eval settings in a run's config.yaml."""
+    from omegaconf import OmegaConf
+
+    from scaling.config import config_from_dict
+
+    return config_from_dict(OmegaConf.to_container(OmegaConf.load(as_run(run_dir).config))).eval
+
+
+def find_eval(run_dir, step: int, setting: str) -> Optional[dict]:
+    from scaling.rundir import read_jsonl
+
+    return next((r for r in read_jsonl(as_run(run_dir).evals) if r.get("step") == step
+                 and r.get("setting") == setting), None)
+
+
+def missing_evals(run_dir, eval_cfg: EvalConfig) -> list[int]:
+    """Checkpoint steps due for evaluation (every `every_ckpt`-th in step order) without a row for this setting."""
+    from scaling.checkpoint import list_steps
+    from scaling.rundir import read_jsonl
+
+    key = setting_key(eval_cfg)
+    done = {r.get("step") for r in read_jsonl(as_run(run_dir).evals) if r.get("setting") == key}
+    k = eval_cfg.every_ckpt
+    return [s for i, s in enumerate(list_steps(run_dir)) if i % k == k - 1 and s not in done]
+
+
+def evaluate_checkpoint(run_dir, step: int, eval_cfg: Optional[EvalConfig] = None, device=None, *,
+                        distributed: bool = False, progress: bool = True) -> dict:
+    """Sample the EMA model of checkpoint `step`, score it and append the row to evals.jsonl; returns the row.
+
+    A row for (step, setting) that exists is returned as is (no duplicates). eval_cfg=None uses the run's own
+    eval settings. distributed=True shares the sampling over the torch.distributed ranks (all must call this).
+    """
+    from scaling.checkpoint import checkpoint_path, load_model
+    from scaling.data import load_vae
+    from scaling.features import build_extractor
+    from scaling.rundir import append_jsonl
+
+    run = as_run(run_dir)
+    eval_cfg = eval_cfg or run_eval_config(run)
+    validate_eval(eval_cfg)
+    key = setting_key(eval_cfg)
+    if (row := find_eval(run, step, key)) is not None:
+        return row
+    rank = _dist()[0] if distributed else 0
+    t0 = time.perf_counter()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, cfg, plan = load_model(run.path, step)
+    vae = None if plan.get("pixel_space", True) else load_vae(cfg.data.vae, device)
+    run.samples.mkdir(parents=True, exist_ok=True)
+    npz = run.samples / f"samples_step{step:07d}_{key}.npz"
+    e = eval_cfg
+    sample_to_npz(model.to(device), cfg.diffusion, plan, e.num_samples, sampler=e.sampler,
+                  sampling_steps=e.sampling_steps, cfg_scale=e.cfg_scale, seed=e.seed, batch_size=e.batch_size,
+                  out_path=npz, vae=vae, latent_scale=cfg.data.latent_scale, guide_channels=e.guide_channels,
+                  device=device, distributed=distributed, progress=progress)
+    sample_s = time.perf_counter() - t0
+    if rank != 0:
+        torch.distributed.barrier()  # rank 0 scores and appends the row
+        return find_eval(run, step, key) or {}
+    del model
+    images = np.load(npz)["arr_0"]                                               # (N, H, W, 3) uint8
+    save_grid(images[:64], run.samples / f"eval_step{step:07d}_{key}.png")
+    pixel_cfg = pixel_data_config(cfg.data)
+    space = build_extractor(e.backend, pixel_cfg, inception_weights=e.inception_weights, progress=progress)
+    ref, data_sha = reference_set(pixel_cfg, e.num_ref)
+    raw = compute_metrics(UInt8Images(images), ref, space, reference_key=reference_key(pixel_cfg, space, len(ref),
+                                                                                       data_sha),
+                          prc=e.precision_recall, kid=e.kid, cuda=device.type == "cuda", progress=progress)
+    img_seen = torch.load(checkpoint_path(run, step), map_location="cpu", weights_only=True, mmap=True)["img_seen"]
+    row = {"step": step, "img_seen": int(img_seen), "metrics": named_metrics(raw, e.backend, e.num_samples),
+           "metric_name": metric_name("fd", e.backend, e.num_samples), "fid": raw["fd"],
+           "inception_score": raw["is"], "precision": raw["precision"], "recall": raw["recall"], "kid": raw["kid"],
+           "feature_extractor": e.backend, "feature_extractor_info": space.info,
+           "feature_weights_sha": space.weights_sha[:16], "num_samples": e.num_samples, "num_ref": len(ref),
+           "sampler": e.sampler, "sampling_steps": e.sampling_steps, "cfg_scale": float(e.cfg_scale),
+           "guide_channels": e.guide_channels, "seed": e.seed, "dataset": pixel_cfg.name,
+           "resolution": pixel_cfg.image_size, "sample_wall_s": sample_s, "wall_s": time.perf_counter() - t0,
+           "npz": str(npz) if e.export_npz else None, "setting": key, "time": time.time()}
+    if progress:
+        print(f"[evaluate] step {step} {key}: " + " | ".join(f"{k} {v:.4g}" for k, v in row["metrics"].items()),
+              file=sys.stderr, flush=True)
+    existing = find_eval(run, step, key)  # another process may have finished the same eval meanwhile
+    if existing is None:
+        append_jsonl(run.evals, row)
+    if not e.export_npz:
+        npz.unlink()
+    if distributed and _dist()[1] > 1:
+        torch.distributed.barrier()
+    return existing or row
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def score_npz(npz_path, data_cfg, backend: str, *, num_ref: int = DEFAULT_NUM_REF, inception_weights=None,
+              precision_recall: bool = True, kid: bool = False, progress: bool = True) -> dict:
+    """Score an ADM-layout .npz from any codebase against a dataset; returns the named metrics."""
+    from scaling.features import build_extractor
+
+    images = np.load(npz_path)["arr_0"]
+    if images.ndim == 4 and images.shape[-1] == 1:
+        images = np.repeat(images, 3, axis=-1)
+    if images.shape[1] != data_cfg.image_size:
+        raise ValueError(f"{npz_path}: images are {images.shape[1]}px but --image-size is {data_cfg.image_size}")
+    space = build_extractor(backend, data_cfg, inception_weights=inception_weights, progress=progress)
+    ref, data_sha = reference_set(data_cfg, num_ref)
+    raw = compute_metrics(UInt8Images(images), ref, space, reference_key=reference_key(data_cfg, space, len(ref),
+                                                                                       data_sha),
+                          prc=precision_recall, kid=kid, progress=progress)
+    return {"metrics": named_metrics(raw, backend, len(images)), "feature_extractor": backend,
+            "feature_extractor_info": space.info, "num_samples": len(images), "num_ref": len(ref),
+            "dataset": data_cfg.name, "resolution": data_cfg.image_size, "npz": str(npz_path)}
+
+
+def main(argv=None) -> int:
+    from scaling.data import DATASETS, DataConfig
+    from scaling.features import BACKENDS
+
+    p = argparse.ArgumentParser(prog="python -m scaling.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", nargs="?", help="run directory (evaluates every checkpoint lacking an eval)")
+    p.add_argument("--step", type=int, default=None)
+    p.add_argument("--num-samples", type=int)
+    p.add_argument("--backend", choices=BACKENDS)
+    p.add_argument("--sampler", choices=SAMPLERS)
+    p.add_argument("--sampling-steps", type=int)
+    p.add_argument("--cfg-scale", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-ref", type=int)
+    p.add_argument("--inception-weights")
+    p.add_argument("--device", default=None)
+    p.add_argument("--npz", help="score this .npz (ADM layout) against --dataset instead of a run")
+    p.add_argument("--dataset", choices=DATASETS, default="animal_mnist")
+    p.add_argument("--data-path", default=None)
+    p.add_argument("--image-size", type=int, default=32)
+    args = p.parse_args(argv)
+    flags = {k: getattr(args, k) for k in ("num_samples", "backend", "sampler", "sampling_steps", "cfg_scale", "seed",
+                                          "batch_size", "num_ref", "inception_weights") if getattr(args, k) is not None}
+    if args.npz:
+        data_cfg = DataConfig(name=args.dataset, path=args.data_path, image_size=args.image_size)
+        out = score_npz(args.npz, data_cfg, flags.get("backend", "domain"),
+                        num_ref=flags.get("num_ref", DEFAULT_NUM_REF), inception_weights=args.inception_weights)
+        print(json.dumps(out, indent=1))
+        return 0
+    if not args.run_dir:
+        p.error("give a run directory or --npz")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    eval_cfg = replace(run_eval_config(args.run_dir), **flags)
+    validate_eval(eval_cfg)
+    device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    steps = [args.step] if args.step is not None else missing_evals(args.run_dir, eval_cfg)
+    if not steps:
+        print(f"[evaluate] nothing to do: every checkpoint has an eval for {setting_key(eval_cfg)}")
+    for step in steps:
+        row = evaluate_checkpoint(args.run_dir, step, eval_cfg, device=device, distributed=distributed)
+        if _dist()[0] == 0:
+            print(json.dumps({k: row.get(k) for k in ("step", "setting", "metrics", "wall_s")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

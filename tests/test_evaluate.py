@@ -1,0 +1,210 @@
+"""Evaluation: config validation, the ADM .npz from sampling (resumable, sharded), evaluate_checkpoint rows that are
+never duplicated, missing_evals, and scoring an external .npz."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import scaling.evaluate as ev
+from scaling.checkpoint import save_checkpoint
+from scaling.config import RunConfig, config_to_dict
+from scaling.data import DataConfig, load_animal_mnist
+from scaling.diffusion import DiffusionConfig
+from scaling.evaluate import (EvalConfig, balanced_labels, evaluate_checkpoint, missing_evals, sample_to_npz,
+                              setting_key, validate_eval)
+from scaling.features import to_uint8
+from scaling.models import build_model
+from scaling.rundir import RunDir, atomic_write_text, read_jsonl, write_json
+
+SIZE = 16
+PLAN = {"input_size": SIZE, "in_channels": 1, "num_classes": 10, "pixel_space": True, "batch_img": 8,
+        "dataset": "animal_mnist", "resolution": SIZE}
+FAST = dict(sampler="ddim", sampling_steps=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    """The session's cache directory (shared with test_features.py: the domain classifier trains once)."""
+    path = tmp_path_factory.getbasetemp() / "dit-scaling-cache"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DIT_SCALING_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("laptop_s", 8, input_size=SIZE, in_channels=1, num_classes=10)
+    with torch.no_grad():  # adaLN-Zero starts at a zero output: perturb it so samples depend on the weights
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model.eval()
+
+
+class CountingModel(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.num_classes, self.calls = model, model.num_classes, 0
+
+    def forward(self, x, t, y):
+        self.calls += 1
+        return self.model(x, t, y)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(backend="clip"), r"eval.backend='clip'; allowed: inception, inception_offline, domain"),
+    (dict(num_samples=0), r"eval.num_samples=0; allowed: an integer >= 1"),
+    (dict(num_samples=-5), r"eval.num_samples=-5"),
+    (dict(cfg_scale=0.5), r"eval.cfg_scale=0.5; allowed: >= 1.0"),
+    (dict(sampler="euler"), r"eval.sampler='euler'; allowed: ddpm, ddim"),
+    (dict(sampling_steps=0), r"eval.sampling_steps=0"),
+    (dict(every_ckpt=0), r"eval.every_ckpt=0"),
+    (dict(num_samples=3), r"precision/recall with k=3"),
+])
+def test_bad_eval_config_fails_with_one_line(change, match):
+    with pytest.raises(ValueError, match=match) as e:
+        validate_eval(replace(EvalConfig(), **change))
+    assert "\n" not in str(e.value)
+
+
+def test_setting_key_is_short_stable_and_complete():
+    assert setting_key(EvalConfig()) == "domain-n1000-ddpm250-cfg1.0-s0"
+    keys = {setting_key(replace(EvalConfig(), **c)) for c in (
+        {}, {"backend": "inception"}, {"num_samples": 50_000}, {"sampler": "ddim"}, {"sampling_steps": 100},
+        {"cfg_scale": 1.5}, {"seed": 1}, {"guide_channels": 3}, {"num_ref": 500})}
+    assert len(keys) == 9
+
+
+def test_labels_are_balanced_and_seeded():
+    y = balanced_labels(1000, 10, seed=0)
+    assert torch.equal(y.bincount(), torch.full((10,), 100))
+    assert torch.equal(y, balanced_labels(1000, 10, seed=0)) and not torch.equal(y, balanced_labels(1000, 10, 1))
+
+
+# ----------------------------------------------------------------------------- sampling to disk
+
+
+def test_samples_npz_has_the_adm_layout(tmp_path):
+    out = sample_to_npz(tiny_model(), DiffusionConfig(), PLAN, 10, **FAST, seed=0, batch_size=4,
+                        out_path=tmp_path / "s.npz", device="cpu", progress=False)
+    with np.load(out) as f:
+        images, labels = f["arr_0"], f["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (10, SIZE, SIZE, 3)
+    assert np.array_equal(images[..., 0], images[..., 2])  # grey repeated to three channels
+    assert images.std() > 0  # not a constant image
+    assert np.array_equal(labels, balanced_labels(10, 10, 0).numpy())
+    assert not (tmp_path / "s.npz.parts").exists()  # shards are removed after assembly
+
+
+def test_sampling_resumes_from_shards_and_gives_the_same_array(tmp_path):
+    kw = dict(**FAST, seed=3, batch_size=4, device="cpu", progress=False)
+    whole = CountingModel(tiny_model())
+    sample_to_npz(whole, DiffusionConfig(), PLAN, 10, out_path=tmp_path / "a.npz", **kw)
+    assert whole.calls == 3 * 2  # three batches x two steps
+
+    # "Killed" after batches 0 and 2: their shards are on disk. A second job draws only batch 1.
+    parts = tmp_path / "b.npz.parts"
+    parts.mkdir()
+    with np.load(tmp_path / "a.npz") as f:
+        a_images, a_labels = f["arr_0"], f["arr_1"]
+    for b in (0, 2):
+        one = CountingModel(tiny_model())
+        sample_to_npz(one, DiffusionConfig(), PLAN, 10, out_path=tmp_path / f"only{b}.npz", **kw)
+        np.savez(parts / f"batch_{b:06d}.npz", arr_0=a_images[4 * b:4 * b + 4], arr_1=a_labels[4 * b:4 * b + 4])
+    (parts / "spec.json").write_text(json.dumps({"num_samples": 10, "batch_size": 4, "seed": 3, "sampler": "ddim",
+                                                 "sampling_steps": 2, "cfg_scale": 1.0, "guide_channels": None},
+                                                sort_keys=True))
+    resumed = CountingModel(tiny_model())
+    sample_to_npz(resumed, DiffusionConfig(), PLAN, 10, out_path=tmp_path / "b.npz", **kw)
+    assert resumed.calls == 1 * 2
+    with np.load(tmp_path / "b.npz") as f:
+        assert np.array_equal(f["arr_0"], a_images) and np.array_equal(f["arr_1"], a_labels)
+
+
+def test_sharding_over_ranks_gives_the_same_array(tmp_path, monkeypatch):
+    kw = dict(**FAST, seed=5, batch_size=3, device="cpu", progress=False)
+    sample_to_npz(tiny_model(), DiffusionConfig(), PLAN, 10, out_path=tmp_path / "one.npz", **kw)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    for rank in (1, 0):  # rank 1 draws batches 1, 3; rank 0 draws 0, 2 and assembles
+        monkeypatch.setattr(ev, "_dist", lambda r=rank: (r, 2))
+        model = CountingModel(tiny_model())
+        sample_to_npz(model, DiffusionConfig(), PLAN, 10, out_path=tmp_path / "two.npz", **kw)
+        assert model.calls == 2 * 2
+        assert (tmp_path / "two.npz").exists() == (rank == 0)
+    with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+# ----------------------------------------------------------------------------- evaluate_checkpoint
+
+
+def make_run(root, steps=(2, 4, 6), eval_cfg=None) -> RunDir:
+    """A run directory with checkpoints of a tiny model, written through the project's own save_checkpoint."""
+    cfg = RunConfig(patch=8, data=DataConfig(image_size=SIZE), output_root=str(root))
+    cfg.eval = eval_cfg or EvalConfig(num_samples=20, **FAST, batch_size=10, num_ref=200)
+    run = RunDir(root / "runs" / "tiny").create()
+    atomic_write_text(run.config, OmegaConf.to_yaml(config_to_dict(cfg)))
+    write_json(run.plan, PLAN)
+    for step in steps:
+        sd = tiny_model(seed=step).state_dict()
+        save_checkpoint(run, {"model": sd, "ema": sd, "opt": {}, "step": step, "img_seen": step * 8, "rng": {},
+                              "data": {}, "config": config_to_dict(cfg)})
+    return run
+
+
+def test_evaluate_checkpoint_writes_one_row_per_setting(tmp_path):
+    run = make_run(tmp_path)
+    eval_cfg = EvalConfig(num_samples=20, **FAST, batch_size=10, num_ref=200)
+    assert missing_evals(run.path, eval_cfg) == [2, 4, 6]
+    row = evaluate_checkpoint(run.path, 4, eval_cfg, device="cpu", progress=False)
+    assert row["step"] == 4 and row["img_seen"] == 32 and row["setting"] == setting_key(eval_cfg)
+    assert set(row["metrics"]) == {"fd20_domain", "is20_domain", "precision20_domain", "recall20_domain"}
+    assert row["fid"] == row["metrics"]["fd20_domain"] > 0 and row["metric_name"] == "fd20_domain"
+    assert row["feature_extractor"] == "domain" and row["feature_extractor_info"]["held_out_accuracy"] > 0.85
+    assert 1 <= row["inception_score"] <= 10 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+    assert (row["num_samples"], row["num_ref"], row["sampler"], row["sampling_steps"], row["cfg_scale"],
+            row["seed"]) == (20, 200, "ddim", 2, 1.0, 0)
+    assert row["wall_s"] > 0 and row["dataset"] == "animal_mnist" and row["resolution"] == SIZE
+    with np.load(row["npz"]) as f:
+        assert f["arr_0"].shape == (20, SIZE, SIZE, 3) and f["arr_0"].dtype == np.uint8
+    assert len(list(run.samples.glob("eval_step0000004_*.png"))) == 1
+
+    assert missing_evals(run.path, eval_cfg) == [2, 6]
+    again = evaluate_checkpoint(run.path, 4, eval_cfg, device="cpu", progress=False)
+    assert again == json.loads(json.dumps(row)) and len(read_jsonl(run.evals)) == 1  # no duplicate row
+
+    other = replace(eval_cfg, seed=1)  # another setting: its own row
+    assert missing_evals(run.path, other) == [2, 4, 6]
+    assert evaluate_checkpoint(run.path, 4, other, device="cpu", progress=False)["setting"] != row["setting"]
+    assert len(read_jsonl(run.evals)) == 2
+
+
+def test_evaluate_checkpoint_uses_the_runs_eval_config(tmp_path):
+    run = make_run(tmp_path, steps=(2,), eval_cfg=EvalConfig(num_samples=20, **FAST, batch_size=10, num_ref=200,
+                                                             precision_recall=False, export_npz=False))
+    row = evaluate_checkpoint(run.path, 2, device="cpu", progress=False)
+    assert row["setting"] == "domain-n20-ddim2-cfg1.0-s0-ref200" and row["precision"] is None
+    assert row["npz"] is None and not list(run.samples.glob("*.npz"))
+
+
+def test_missing_evals_every_kth_checkpoint(tmp_path):
+    run = make_run(tmp_path, steps=(1, 2, 3, 4, 5))
+    assert missing_evals(run.path, EvalConfig(every_ckpt=2)) == [2, 4]
+    assert missing_evals(run.path, EvalConfig(every_ckpt=1)) == [1, 2, 3, 4, 5]
+
+
+def test_score_an_external_npz(tmp_path, capsys):
+    x = load_animal_mnist(SIZE).x[::25]  # 400 real images stand in for another codebase's samples
+    np.savez(tmp_path / "other.npz", arr_0=to_uint8(x).permute(0, 2, 3, 1).numpy())
+    ev.main(["--npz", str(tmp_path / "other.npz"), "--dataset", "animal_mnist", "--image-size", str(SIZE),
+             "--backend", "domain", "--num-ref", "1000"])
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["metrics"]) == {"fd400_domain", "is400_domain", "precision400_domain", "recall400_domain"}
+    assert out["num_samples"] == 400 and out["num_ref"] == 1000 and out["metrics"]["fd400_domain"] < 20
