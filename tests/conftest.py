@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +7,8 @@ import torch
 # Two CPU cores on CI: one thread per test process keeps timings predictable.
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Trained feature extractors and reference statistics go to a cache of this test session, never the user's.
+os.environ.setdefault("DIT_SCALING_CACHE", tempfile.mkdtemp(prefix="dit-scaling-test-cache-"))
 
 REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
 
