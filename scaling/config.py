@@ -75,11 +75,11 @@ def config_from_overrides(overrides: list[str]) -> RunConfig:
 # ----------------------------------------------------------------------------- derived quantities
 
 
-def data_spec(data: DataConfig) -> dict:
+def data_spec(data: DataConfig, require_data: bool = True) -> dict:
     """What the model sees, without loading the data: in_channels, input_size, num_classes, pixel_space."""
     from scaling.data import describe
 
-    return describe(data)
+    return describe(data, require_data)
 
 
 def family(model_name: str) -> str:
@@ -117,7 +117,7 @@ def make_plan(cfg: RunConfig, device: str = "cpu", world_size: int = 1, count: s
     """
     from scaling.flops import closed_form_gflops, closed_form_params, count_params, gflops_per_img
 
-    spec = data_spec(cfg.data)
+    spec = data_spec(cfg.data, require_data=count == "fvcore")  # the dry run plans without the data
     if count == "fvcore":
         model = build_model_for(cfg, spec)
         params = count_params(model)
@@ -150,7 +150,7 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"model={cfg.model.name!r} is not a model; allowed: {', '.join(MODELS)}")
     if cfg.block not in BLOCKS:
         raise ValueError(f"block={cfg.block!r}; allowed: {', '.join(BLOCKS)}")
-    spec = data_spec(cfg.data)  # raises for a missing dataset path or a bad image size
+    spec = data_spec(cfg.data, require_data=not cfg.dry_run)  # raises for a missing dataset path, bad image size
     if cfg.patch < 1 or spec["input_size"] % cfg.patch:
         divisors = [p for p in (1, 2, 4, 8, 16) if spec["input_size"] % p == 0]
         raise ValueError(f"patch={cfg.patch} does not divide the input size {spec['input_size']} "
@@ -173,5 +173,7 @@ def _check_writable(output_root: str) -> None:
     p = Path(output_root).resolve()
     while not p.exists():
         p = p.parent
-    if not os.access(p, os.W_OK):
+    if not p.is_dir():  # a file in the way: even root cannot create directories under it
+        raise ValueError(f"output_root={output_root!r} is not writable ({p} is a file, not a directory)")
+    if not os.access(p, os.W_OK | os.X_OK):
         raise ValueError(f"output_root={output_root!r} is not writable ({p} denies writing)")

@@ -64,6 +64,8 @@ class DataConfig:
     vae: str = "stabilityai/sd-vae-ft-ema"  # local diffusers directory or hub id (latents only)
     latent_scale: float = 0.18215       # SD VAE latent scaling factor (DiT train.py, LDM)
     max_images: Optional[int] = None    # use an evenly strided subset of this many images (quick runs)
+    num_classes: Optional[int] = None   # expected classes (ImageNet: 1000): checked against the data when it is
+                                        # there, and used to plan (dry run) on a machine without the data
 
 
 # ----------------------------------------------------------------------------- validation and spec
@@ -90,18 +92,34 @@ def check_config(cfg: DataConfig) -> None:
             raise ValueError(f"data.path={cfg.path!r} does not exist")
 
 
-def describe(cfg: DataConfig) -> dict:
-    """What the model sees, without loading the data: in_channels, input_size, num_classes, pixel_space."""
+def describe(cfg: DataConfig, require_data: bool = True) -> dict:
+    """What the model sees, without loading the data: in_channels, input_size, num_classes, pixel_space.
+
+    With `require_data=False` (planning on a machine that does not hold the data, e.g. the paper grid's dry run
+    on a laptop) a folder or latent directory that is not there is described from the config alone, with
+    `nominal: True`; `data.num_classes` must then be set.
+    """
+    if not require_data and cfg.name in ("image_folder", "latents") and not (cfg.path and Path(cfg.path).exists()):
+        if cfg.num_classes is None:
+            raise ValueError(f"data.num_classes must be set to plan data.name={cfg.name} without its data.path")
+        latent = cfg.name == "latents"
+        return {"in_channels": 4 if latent else 3, "input_size": cfg.image_size // (VAE_DOWNSAMPLE if latent else 1),
+                "num_classes": cfg.num_classes, "pixel_space": not latent, "nominal": True}
     check_config(cfg)
     if cfg.name in ("animal_mnist", "digits"):
-        return {"in_channels": 1, "input_size": cfg.image_size, "num_classes": 10, "pixel_space": True}
-    if cfg.name == "image_folder":
+        spec = {"in_channels": 1, "input_size": cfg.image_size, "num_classes": 10, "pixel_space": True}
+    elif cfg.name == "image_folder":
         classes = class_folders(cfg.path)
         _first_image_file(cfg.path, classes)  # raises when no class folder holds an image
-        return {"in_channels": 3, "input_size": cfg.image_size, "num_classes": len(classes), "pixel_space": True}
-    meta = read_latent_meta(cfg)
-    return {"in_channels": meta["channels"], "input_size": meta["latent_size"],
-            "num_classes": len(meta["class_names"]), "pixel_space": False}
+        spec = {"in_channels": 3, "input_size": cfg.image_size, "num_classes": len(classes), "pixel_space": True}
+    else:
+        meta = read_latent_meta(cfg)
+        spec = {"in_channels": meta["channels"], "input_size": meta["latent_size"],
+                "num_classes": len(meta["class_names"]), "pixel_space": False}
+    if cfg.num_classes is not None and cfg.num_classes != spec["num_classes"]:
+        raise ValueError(f"data.num_classes={cfg.num_classes} but {cfg.path or cfg.name} has {spec['num_classes']} "
+                         f"classes")
+    return spec
 
 
 def build_dataset(cfg: DataConfig) -> Dataset:
