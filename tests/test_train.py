@@ -137,3 +137,12 @@ def test_loss_falls_and_grid_is_written(tmp_path):
     rows = read_jsonl(run.metrics)
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     assert (run.samples / "grid_step_0000300.png").is_file()
+
+
+def test_ema_warmup_follows_the_model_early_and_reaches_the_decay():
+    from scaling.train import ema_decay_at
+
+    assert ema_decay_at(0, 0.9999, warmup=False) == 0.9999
+    assert ema_decay_at(0, 0.999, warmup=True) == pytest.approx(0.1)
+    assert ema_decay_at(90, 0.999, warmup=True) == pytest.approx(0.91)
+    assert ema_decay_at(100_000, 0.999, warmup=True) == 0.999
