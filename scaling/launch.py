@@ -1,0 +1,773 @@
+"""Launch the study: one job per grid point, each training one run (with its evals) into its run directory.
+
+    python -m scaling.launch                                              # one run: the embedded default
+    python -m scaling.launch -m model=laptop_s,laptop_b patch=4,8         # a grid, on this machine
+    python -m scaling.launch --config-dir sweeps --config-name laptop -m  # a named study (sweeps/*.yaml)
+    python -m scaling.launch -m model=dit_s,dit_b,dit_l,dit_xl patch=2,4,8 dry_run=true   # plan only
+    python -m scaling.launch -m ... hydra/launcher=slurm                  # the same grid as SLURM jobs
+    python -m scaling.launch -m ... analyze=true                          # then results table + figures
+
+Before anything runs, the sweep is expanded here exactly as Hydra's basic sweeper would expand it
+(`hydra.sweeper.params` of the config, then the command line), and every grid point is composed and validated:
+a bad value stops the launch with one line naming it and the allowed values (exit 2), before any job exists.
+Finished runs (done, with every eval) are skipped, so relaunching a finished grid submits nothing; the other
+points are handed to the launcher named by `hydra/launcher`:
+
+- local (default): `parallel` jobs at once on this machine, each in its own process
+  (`python -m scaling.launch <the point's overrides>`), one GPU each, or the CPU;
+- slurm: hydra-submitit-launcher's SLURM launcher (conf/hydra/launcher/slurm.yaml); a job saves on USR2 and is
+  requeued by submitit, the requeued job resumes from the checkpoint. With `eval.inline=false`, eval jobs are
+  submitted from here as checkpoints appear, one job per run at a time, so training never waits for sampling.
+
+Exit code: 0 when every point is done, 1 when a job failed (its status.json says failed, with the error),
+2 for bad input, 3 when some point is not finished (held by another launch, or preempted).
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LAUNCHERS = ("local", "slurm")
+LAUNCH_OPTIONS = ("analyze",)    # options of this command, not of a run: `analyze=true`
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNFINISHED = 1, 2, 3
+
+# GPU-hours of the dry run: model flops = 2 x multiply-adds, on an H100 SXM (989 dense bf16 TFLOP/s, NVIDIA
+# datasheet) at an assumed 40% model-flops utilisation. An estimate for planning, stated wherever it is printed.
+ASSUMED_PEAK_FLOPS = 989e12
+ASSUMED_MFU = 0.40
+EVAL_POLL_S = 60.0               # how often the SLURM launch looks for new checkpoints to evaluate
+JOB_POLL_S = 5.0                 # how often it checks whether a SLURM job is over
+SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT"}
+
+
+@dataclass
+class LaunchArgs:
+    multirun: bool = False
+    config_dir: str | None = None     # a directory searched before conf/ (sweeps/)
+    config_name: str = "config"
+    overrides: list[str] = field(default_factory=list)
+    analyze: bool = False
+
+
+@dataclass
+class LocalLauncherConfig:           # conf/hydra/launcher/local.yaml
+    parallel: int = 0                # jobs at once; 0 = one per visible GPU, or 1 without a GPU
+    threads_per_job: int = 0         # CPU threads per job without a GPU; 0 = CPU cores / parallel
+
+
+@dataclass
+class Point:
+    """One grid point: the overrides that compose it, its config and its run directory."""
+    overrides: list[str]
+    cfg: object                      # scaling.config.RunConfig
+    run_id: str
+    state: str = "new"               # new | partial | evals | done | running | failed | preempted (point_state)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str]) -> LaunchArgs:
+    args, rest = LaunchArgs(), list(argv)
+    while rest:
+        a = rest.pop(0)
+        if a in ("-m", "--multirun"):
+            args.multirun = True
+        elif a in ("-cd", "--config-dir", "-cn", "--config-name") or a.startswith(("--config-dir=", "--config-name=")):
+            key, _, value = a.partition("=")
+            if not value:
+                if not rest:
+                    raise ValueError(f"{a} needs a value")
+                value = rest.pop(0)
+            if key in ("-cd", "--config-dir"):
+                if not Path(value).is_dir():
+                    raise ValueError(f"--config-dir={value!r} is not a directory")
+                args.config_dir = str(Path(value).resolve())
+            else:
+                args.config_name = value.removesuffix(".yaml")
+        elif a.startswith("-"):
+            raise ValueError(f"unknown option {a!r}; allowed: -m/--multirun, --config-dir/-cd DIR, "
+                             f"--config-name/-cn NAME, -h/--help")
+        elif a.split("=", 1)[0] in LAUNCH_OPTIONS:
+            key, _, value = a.partition("=")
+            if value.lower() not in ("true", "false"):
+                raise ValueError(f"{a}: {key} takes true or false")
+            setattr(args, key, value.lower() == "true")
+        else:
+            args.overrides.append(a)
+    return args
+
+
+# ----------------------------------------------------------------------------- composition and the grid
+
+
+def make_hydra(args: LaunchArgs):
+    """Hydra's config loader over conf/ (and --config-dir first, as `python app.py --config-dir` does)."""
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+
+    from scaling.config import CONF_DIR, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    search_path = create_config_search_path(str(CONF_DIR))
+    if args.config_dir:
+        search_path.prepend("command-line", f"file://{args.config_dir}")
+    return Hydra.create_main_hydra2(task_name="scaling", config_search_path=search_path)
+
+
+def compose_master(hydra, args: LaunchArgs):
+    """The config with the hydra node (launcher, sweeper params), before any sweep is expanded."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    cfg = hydra.compose_config(args.config_name, args.overrides, run_mode=RunMode.MULTIRUN,
+                               with_log_configuration=False)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def expand_grid(hydra, master, args: LaunchArgs) -> list[list[str]]:
+    """Override lists, one per grid point: `hydra.sweeper.params` then the command line, crossed.
+
+    The same expansion as Hydra's BasicSweeper (its own `split_arguments`), so the grid printed and validated
+    here is the grid that runs. Without -m, a sweep is an error rather than a silent single run.
+    """
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create(config_loader=hydra.config_loader)
+    from_config = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
+    task = list(master.hydra.overrides.task)  # the command line without hydra.* (those are in the master already)
+    parsed = parser.parse_overrides(from_config + task)
+    if not args.multirun:
+        pinned = {o.get_key_element() for o in parser.parse_overrides(task) if not o.is_sweep_override()}
+        swept = [o for o in parsed if o.is_sweep_override() and o.get_key_element() not in pinned]
+        if swept:
+            raise ValueError(f"{swept[0].input_line} is a sweep; add -m to launch the grid")
+        return [task]
+    return [list(point) for point in BasicSweeper.split_arguments(parsed, None)[0]]
+
+
+def compose_point(hydra, master, overrides: list[str]):
+    """A grid point's RunConfig (typed; validated by the caller)."""
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from scaling.config import RunConfig
+
+    cfg = hydra.config_loader.load_sweep_config(master, list(overrides))
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    # `+key=value` appends past the schema; merging into RunConfig again rejects any key it does not have.
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.to_container(cfg)))
+
+
+def launcher_of(master) -> tuple[str, LocalLauncherConfig | None]:
+    name = master.hydra.runtime.choices.get("hydra/launcher")
+    if name not in LAUNCHERS:
+        raise ValueError(f"hydra/launcher={name}: not a launcher of this project; allowed: {', '.join(LAUNCHERS)}")
+    if name == "slurm":
+        return name, None
+    from omegaconf import OmegaConf
+
+    local = OmegaConf.to_object(master.hydra.launcher)  # typed by its schema (config.register_configs)
+    for key in ("parallel", "threads_per_job"):
+        if getattr(local, key) < 0:
+            raise ValueError(f"hydra.launcher.{key}={getattr(local, key)} must be >= 0 (0 = automatic)")
+    return name, local
+
+
+def prepare(args: LaunchArgs):
+    """Everything that can fail on bad input: (hydra, master config, launcher, local launcher config, points)."""
+    from scaling.config import run_id, validate
+
+    hydra = make_hydra(args)
+    master = compose_master(hydra, args)
+    launcher, local = launcher_of(master)
+    grid, points = expand_grid(hydra, master, args), []
+    swept = [i for i in range(len(grid[0])) if len({tuple(point)[i] for point in grid}) > 1]
+    for overrides in grid:
+        cfg = compose_point(hydra, master, overrides)
+        try:
+            validate(cfg)
+        except ValueError as e:
+            where = " ".join(overrides[i] for i in swept)
+            raise ValueError(f"{e} (grid point {where})" if where else str(e)) from None
+        points.append(Point(overrides, cfg, run_id(cfg)))
+    return hydra, master, launcher, local, points
+
+
+# ----------------------------------------------------------------------------- one-line errors
+
+
+_MISSING_OPTION = re.compile(r"Could not find '(?P<group>[^']+)/(?P<option>[^'/]+)'")
+
+
+def one_line_error(e: BaseException, overrides: list[str] = ()) -> str:
+    """Hydra's and OmegaConf's multi-line errors as one line naming the bad value and the allowed values."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+    text = str(e)
+    if isinstance(e, MissingConfigException) and (m := _MISSING_OPTION.search(text)):
+        group, option = m["group"], m["option"]
+        options = re.findall(r"^\t(\S+)$", text.split(f"Available options in '{group}':", 1)[-1].split(
+            "Config search path:")[0], flags=re.M)
+        if group == "hydra/launcher":
+            options = list(LAUNCHERS)
+        allowed = f"; allowed: {', '.join(options)}" if options else ""
+        return f"{group}={option}: no such {group.split('/')[-1]} config{allowed}"
+    if isinstance(e, OverrideParseException):
+        return f"cannot parse override {_parse_failure(overrides)}: {_first_line(text)}"
+    cause = e.__cause__
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        e = cause  # "Could not override 'trian.steps'": the cause names the key and its parent
+    if isinstance(e, (ConfigKeyError, ConfigAttributeError)) and getattr(e, "full_key", None):
+        parent = getattr(e, "parent_node", None)
+        allowed = [k for k in (parent.keys() if parent is not None else []) if k not in ("hydra", "_target_")]
+        return f"unknown key {e.full_key!r}" + (f"; allowed: {', '.join(map(str, allowed))}" if allowed else "")
+    if isinstance(e, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException):
+        override = text.removeprefix("Error merging override ").strip()
+        return f"{override}: {_first_line(str(cause))}"
+    if isinstance(e, MissingMandatoryValue):
+        key = getattr(e, "full_key", None) or text.rsplit(":", 1)[-1].strip()
+        return f"{key} is required here (give {key}=...)"
+    if isinstance(e, OmegaConfBaseException):
+        key = getattr(e, "full_key", None)
+        return f"{key}: {_first_line(text)}" if key else _first_line(text)
+    return _first_line(text) if isinstance(e, ValueError) else f"{type(e).__name__}: {_first_line(text)}"
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+def _parse_failure(overrides) -> str:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            parser.parse_overrides([text])
+        except OverrideParseException:
+            return repr(text)
+    return "(from the config's hydra.sweeper.params)"
+
+
+# ----------------------------------------------------------------------------- state of a point
+
+
+def point_state(cfg) -> str:
+    """new | partial | evals (trained, evals missing) | done | running (a live lease) | failed | preempted."""
+    from scaling.config import run_dir_for
+    from scaling.rundir import read_json, read_status
+    from scaling.status import lease_is_live
+
+    run = run_dir_for(cfg)
+    if not run.status.is_file():
+        return "new"
+    status = read_status(run)
+    if status["state"] == "running" and lease_is_live(read_json(run.lock, default=None)):
+        return "running"
+    if status["state"] != "done" or status.get("step", 0) < cfg.train.steps:
+        return status["state"] if status["state"] in ("failed", "preempted") else "partial"
+    from scaling.evaluate import missing_evals
+
+    return "evals" if missing_evals(run.path, cfg.eval) else "done"
+
+
+# ----------------------------------------------------------------------------- the dry run
+
+
+def plan_rows(points: list[Point]) -> list[dict]:
+    """The plan of each point (closed-form Gflops: no model is built) with its GPU-hours and state."""
+    from scaling.config import make_plan
+    from scaling.evaluate import setting_key
+
+    rows = []
+    for p in points:
+        plan = make_plan(p.cfg, count="closed_form")
+        gpu_hours = 2 * plan["train_flops"] / (ASSUMED_PEAK_FLOPS * ASSUMED_MFU) / 3600
+        rows.append({**plan, "gpu_hours": gpu_hours, "state": p.state, "eval": setting_key(p.cfg.eval)})
+    return rows
+
+
+def format_plan(rows: list[dict]) -> str:
+    with_eval = len({r["eval"] for r in rows}) > 1  # e.g. the sampling study: one run, several eval settings
+    head = ("run_id", "params", "Gflops", "tokens", "batch x steps", "train_flops", "GPU-h", "state") + \
+        (("eval",) if with_eval else ())
+    body = [(r["run_id"], f"{r['params'] / 1e6:.2f}M", f"{r['gflops_per_img']:.4g}", str(r["tokens"]),
+             f"{r['batch_img']} x {r['steps']}", f"{r['train_flops']:.3g}", f"{r['gpu_hours']:.3g}", r["state"])
+            + ((r["eval"],) if with_eval else ()) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) if i in (0, 8) else c.rjust(w)
+                                   for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    runs = {r["run_id"]: r for r in rows}  # a run shared by several points is trained once
+    states = {s: sum(r["state"] == s for r in rows) for s in dict.fromkeys(r["state"] for r in rows)}
+    to_go = sum(r["gpu_hours"] for r in runs.values() if r["state"] in ("new", "partial", "failed", "preempted"))
+    return "\n".join([line(head), *map(line, body),
+                      f"{len(rows)} points, {len(runs)} runs ({', '.join(f'{n} {s}' for s, n in states.items())});"
+                      f" {to_go:.3g} GPU-hours of training to go (runs not trained yet, in full; evals not included)"
+                      f", assuming {ASSUMED_MFU:.0%} of an H100's {ASSUMED_PEAK_FLOPS / 1e12:.0f} dense bf16 TFLOP/s"
+                      f" and 2 flops per multiply-add. train_flops = Gflops x batch x steps x 3 (paper Fig. 9)."])
+
+
+# ----------------------------------------------------------------------------- one job
+
+
+def run_point(cfg, evals_here: bool = True) -> dict:
+    """Train one grid point (resuming, or returning at once when done) and run its missing evals.
+
+    A failure leaves status.json "failed" with the error and is raised again; a run whose lease another
+    process holds is left alone (state "locked"). `evals_here=False` leaves non-inline evals to the caller
+    (the SLURM launch submits them as their own jobs).
+    """
+    from scaling.config import run_dir_for
+    from scaling.rundir import RunLocked, read_status
+    from scaling.train import train
+
+    run = run_dir_for(cfg)
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    try:
+        status = train(cfg)
+        if evals_here and status["state"] == "done" and not cfg.eval.inline and rank == 0:
+            evaluate_missing(str(run.path), cfg.eval)
+            status = read_status(run)
+    except RunLocked as e:
+        print(f"[launch] {run.run_id}: {e}", flush=True)
+        return {"state": "locked", "error": str(e), "run_id": run.run_id}
+    except Exception as e:
+        if rank == 0:
+            mark_failed(run, e)
+        raise
+    return {**status, "run_id": run.run_id}
+
+
+def mark_failed(run, error: BaseException) -> None:
+    """status.json = failed with the error, unless another live process holds the run's lease."""
+    from scaling.rundir import read_json, read_status, write_status
+    from scaling.status import lease_is_live
+
+    lock = read_json(run.lock, default=None)
+    if lock and lease_is_live(lock) and lock.get("pid") != os.getpid():
+        return
+    write_status(run, "failed", read_status(run).get("step", 0), error=f"{type(error).__name__}: {error}")
+
+
+def evaluate_missing(run_path: str, eval_cfg) -> int:
+    """Evaluate every checkpoint of the run that lacks this eval setting; the number evaluated."""
+    import torch
+
+    from scaling.evaluate import evaluate_checkpoint, missing_evals
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = missing_evals(run_path, eval_cfg)
+    for step in steps:
+        print(f"[launch] evaluating {Path(run_path).name} step {step} ({eval_cfg.num_samples} samples)", flush=True)
+        evaluate_checkpoint(run_path, step, eval_cfg, device)
+    return len(steps)
+
+
+def slurm_task(task_cfg) -> dict:
+    """The Hydra task of a SLURM job (hydra-submitit-launcher calls it with the composed config)."""
+    from omegaconf import OmegaConf
+
+    return run_point(OmegaConf.to_object(task_cfg), evals_here=False)
+
+
+# ----------------------------------------------------------------------------- local launcher
+
+
+def visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def local_slots(local: LocalLauncherConfig, gpus: list[str], cpus: int) -> list[dict]:
+    """One environment per concurrent job: its GPU, or its share of the CPU threads."""
+    if gpus:
+        n = local.parallel or len(gpus)
+        if n > len(gpus):
+            raise ValueError(f"hydra.launcher.parallel={n} but only {len(gpus)} GPUs are visible; "
+                             f"allowed: 0..{len(gpus)}")
+        return [{"CUDA_VISIBLE_DEVICES": g} for g in gpus[:n]]
+    n = local.parallel or 1
+    threads = str(local.threads_per_job or max(1, cpus // n))
+    return [{"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}] * n
+
+
+def job_command(args: LaunchArgs, overrides: list[str]) -> list[str]:
+    """The command that runs one point in its own process: this module without -m."""
+    cmd = [sys.executable, "-m", "scaling.launch"]
+    if args.config_dir:
+        cmd += ["--config-dir", args.config_dir]
+    return cmd + ["--config-name", args.config_name, *overrides]
+
+
+def run_local(args: LaunchArgs, points: list[Point], slots: list[dict], log_dir: Path) -> dict[str, int]:
+    """Run the points' jobs, len(slots) at a time; {run_id: exit code}. Ctrl-C stops them cleanly: each job gets
+    SIGTERM, saves a checkpoint at its next step and is marked preempted."""
+    queue, running, codes = list(points), {}, {}
+    free = list(range(len(slots)))
+    quiet = len(slots) > 1  # several jobs at once: each writes to its log file, this process prints one line each
+    if quiet:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        while queue or running:
+            while queue and free:
+                p, slot = queue.pop(0), free.pop(0)
+                log = open(log_dir / f"{p.run_id}.log", "a") if quiet else None
+                proc = subprocess.Popen(job_command(args, p.overrides), env={**os.environ, **slots[slot]},
+                                        stdout=log, stderr=subprocess.STDOUT if log else None,
+                                        start_new_session=True)
+                running[proc] = (p, slot, log)
+                print(f"[launch] started {p.run_id}" + (f" (log {log.name})" if log else ""), flush=True)
+            time.sleep(0.2)
+            for proc in [q for q in running if q.poll() is not None]:
+                p, slot, log = running.pop(proc)
+                codes[p.run_id] = proc.returncode
+                free.append(slot)
+                if log:
+                    log.close()
+                print(f"[launch] {p.run_id}: exit {proc.returncode}", flush=True)
+    except KeyboardInterrupt:
+        print(f"[launch] interrupted: stopping {len(running)} jobs (each saves at its next step)", flush=True)
+        for proc in running:
+            proc.send_signal(signal.SIGTERM)
+        for proc, (p, _, log) in running.items():
+            codes[p.run_id] = proc.wait()
+        raise
+    return codes
+
+
+def run_local_grid(args: LaunchArgs, todo: list[Point], slots: list[dict]) -> dict[str, str]:
+    """The points wave by wave (a run is never in two jobs at once); {run_id: outcome} of failed jobs."""
+    from scaling.config import run_dir_for
+    from scaling.rundir import read_status
+
+    outcomes = {}
+    for wave in waves(todo):
+        wave = [p for p in wave if point_state(p.cfg) not in ("done", "running")]
+        codes = run_local(args, wave, slots, Path(wave[0].cfg.output_root) / "logs") if wave else {}
+        for p in wave:
+            rc = codes.get(p.run_id, 0)
+            if rc in (0, EXIT_UNFINISHED):
+                continue
+            outcomes[p.run_id] = f"failed: exit {rc}"
+            run = run_dir_for(p.cfg)
+            if rc < 0 and read_status(run)["state"] == "running":  # killed before it could say so
+                mark_failed(run, RuntimeError(f"the job process was killed by signal {-rc}"))
+    return outcomes
+
+
+# ----------------------------------------------------------------------------- SLURM launcher
+
+
+def slurm_executor(params: dict):
+    """A submitit executor with the parameters of hydra.launcher (as hydra-submitit-launcher builds its own)."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    executor = submitit.AutoExecutor(folder=params["submitit_folder"], cluster="slurm",
+                                     slurm_max_num_timeout=params["max_num_timeout"])
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("submitit_folder", "max_num_timeout", "_target_")})
+    return executor
+
+
+class EvalJobs:
+    """Eval jobs for grid points whose checkpoints lack their eval setting: at most one job in flight per run
+    (evals.jsonl has one writer at a time), a new one as new checkpoints appear (`poll`); a setting whose job
+    failed, or left its checkpoints unevaluated, is not resubmitted within this launch."""
+
+    def __init__(self, executor, points: list[Point]):
+        self.executor, self.points = executor, [p for p in points if not p.cfg.eval.inline]
+        self.in_flight = {}   # run_id -> (setting, steps, job)
+        self.submitted = {}   # (run_id, setting) -> steps sent to the last job
+        self.failed = {}      # run_id -> error
+        self.lock = threading.Lock()
+
+    def poll(self) -> None:
+        from scaling.config import run_dir_for
+        from scaling.evaluate import missing_evals, setting_key
+
+        with self.lock:
+            for run_id, (key, steps, job) in list(self.in_flight.items()):
+                if job_ended(job):
+                    del self.in_flight[run_id]
+                    self._collect(run_id, job)
+            for p in self.points:
+                key, path = setting_key(p.cfg.eval), run_dir_for(p.cfg).path
+                if p.run_id in self.in_flight or p.run_id in self.failed:
+                    continue
+                missing = missing_evals(path, p.cfg.eval)
+                if stuck := sorted(set(missing) & self.submitted.get((p.run_id, key), set())):
+                    self.failed[p.run_id] = f"eval job ended but steps {stuck} still lack {key}"
+                    print(f"[launch] {p.run_id}: {self.failed[p.run_id]}", flush=True)
+                elif missing:
+                    job = self.executor.submit(evaluate_missing, str(path), p.cfg.eval)
+                    self.in_flight[p.run_id] = (key, missing, job)
+                    self.submitted[(p.run_id, key)] = set(missing)
+                    print(f"[launch] eval job {job.job_id}: {p.run_id} steps {missing} ({key})", flush=True)
+
+    def _collect(self, run_id, job) -> None:
+        try:
+            job_result(job)
+        except Exception as e:  # noqa: BLE001 - reported with the run, the launch goes on
+            self.failed[run_id] = f"eval job {job.job_id} failed: {_first_line(str(e))}"
+            print(f"[launch] {run_id}: {self.failed[run_id]}", flush=True)
+
+    def drain(self) -> dict[str, str]:
+        """Poll until no eval job is in flight and none is due; {run_id: error} of the failures."""
+        while True:
+            self.poll()
+            if not self.in_flight:
+                return self.failed
+            time.sleep(2.0)
+
+    def watch(self, stop: threading.Event) -> None:
+        while not stop.wait(EVAL_POLL_S):
+            try:
+                self.poll()
+            except Exception as e:  # noqa: BLE001 - a failed sbatch now is retried at the next poll
+                print(f"[launch] eval poll: {type(e).__name__}: {_first_line(str(e))}", flush=True)
+
+
+def run_slurm(hydra, master, todo: list[Point]) -> tuple[dict, dict]:
+    """Training jobs through hydra-submitit-launcher's SLURM launcher, eval jobs beside them; waits for all.
+
+    Each wave of training jobs is one job array; a point whose run is trained by then only gets eval jobs.
+    Returns ({run_id: job outcome}, {run_id: eval error}).
+    """
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.plugins import Plugins
+    from hydra.types import HydraContext
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.to_container(master.hydra.launcher, resolve=True)
+    one_gpu = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": min(params["gpus_per_node"] or 0, 1),
+               "name": f"{params['name']}-eval"}
+    evals = EvalJobs(slurm_executor({**params, **one_gpu}), todo)
+    launcher, outcomes, stop = None, {}, threading.Event()
+    threading.Thread(target=evals.watch, args=(stop,), daemon=True).start()
+    try:
+        for wave in waves(todo):
+            states = {p.run_id: point_state(p.cfg) for p in wave}  # a run trained by an earlier wave: evals only
+            train = [p for p in wave if states[p.run_id] not in ("done", "running")
+                     and not (states[p.run_id] == "evals" and not p.cfg.eval.inline)]
+            if not train:
+                continue
+            launcher = launcher or Plugins.instance().instantiate_launcher(
+                hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=Callbacks(master)),
+                task_function=slurm_task, config=master)
+            outcomes.update(submit_and_wait(launcher, slurm_executor(params), train))
+    finally:
+        stop.set()
+    return outcomes, evals.drain()
+
+
+def submit_and_wait(launcher, executor, points: list[Point]) -> dict[str, str]:
+    """One job array of Hydra jobs (what hydra-submitit-launcher's `launch` does), waiting on every job even
+    when one fails, so that a crash in one run does not hide the others; {run_id: outcome}."""
+    from hydra.core.singleton import Singleton
+
+    n = len(points)
+    try:
+        jobs = executor.map_array(launcher, [p.overrides for p in points], ["hydra.sweep.dir"] * n, list(range(n)),
+                                  [f"job_id_for_{i}" for i in range(n)], [Singleton.get_state()] * n)
+    except Exception as e:  # noqa: BLE001 - sbatch refused: nothing of this wave runs
+        msg = f"failed: submission: {_first_line(str(e))}"
+        print(f"[launch] {msg}", flush=True)
+        return {p.run_id: msg for p in points}
+    for p, job in zip(points, jobs):
+        print(f"[launch] job {job.job_id}: {p.run_id}", flush=True)
+    outcomes, pending = {}, dict(zip(jobs, points))
+    while pending:
+        for job in [j for j in pending if job_ended(j)]:
+            try:
+                outcome = _job_outcome(job_result(job))
+            except Exception as e:  # noqa: BLE001 - killed, out of memory, node lost: the run dir keeps its state
+                outcome = f"failed: {_first_line(str(e))}"
+            if outcome == "preempted" and requeued(job):
+                # SIGTERM then a requeue by SLURM (scontrol requeue, PreemptMode=REQUEUE): training saved and
+                # returned; the next attempt resumes and will write its own result.
+                print(f"[launch] job {job.job_id}: requeued by SLURM, following it", flush=True)
+                for task in job._sub_jobs or [job]:  # one result file per task (DDP: one per rank)
+                    task.paths.result_pickle.unlink(missing_ok=True)
+                continue
+            outcomes[pending.pop(job).run_id] = outcome
+        if pending:
+            time.sleep(JOB_POLL_S)
+    return outcomes
+
+
+def requeued(job, settle_s: float = 60.0) -> bool:
+    """Whether SLURM put a job that returned back into the queue (once its state has left COMPLETING)."""
+    deadline = time.time() + settle_s
+    state = slurm_state(job.job_id)
+    while state in ("COMPLETING", "UNKNOWN") and time.time() < deadline:
+        time.sleep(1.0)
+        state = slurm_state(job.job_id)
+    return state in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SUSPENDED")
+
+
+def slurm_state(job_id: str) -> str:
+    """The job's JobState from scontrol; "GONE" once SLURM has forgotten it (MinJobAge after its end)."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60)
+    if out.returncode and "Invalid job id" in out.stderr:
+        return "GONE"
+    m = re.search(r"JobState=(\S+)", out.stdout)
+    return m[1] if m else "UNKNOWN"
+
+
+def job_ended(job) -> bool:
+    """Whether a submitit job is over: its result file is there, or SLURM says it ended without one (cancelled,
+    killed, out of memory). submitit alone learns the latter from sacct, which a cluster without accounting
+    (the test cluster, docs/slurm.md) lacks, and would wait forever."""
+    return job.done() or slurm_state(job.job_id) in SLURM_ENDED | {"GONE"}
+
+
+def job_result(job):
+    """The result of a job that `job_ended`, or an error naming how it ended."""
+    for _ in range(10):  # the result file may land a moment after SLURM marks the job over
+        if job.done():
+            return job.results()[0]
+        time.sleep(1.0)
+    raise RuntimeError(f"job {job.job_id} ended ({slurm_state(job.job_id)}) without a result; see "
+                       f"{job.paths.stderr}")
+
+
+def _job_outcome(ret) -> str:
+    from hydra.core.utils import JobStatus
+
+    if ret.status == JobStatus.COMPLETED:
+        return ret.return_value.get("state", "done") if isinstance(ret.return_value, dict) else "done"
+    return f"failed: {type(ret._return_value).__name__}: {_first_line(str(ret._return_value))}"
+
+
+def waves(points: list[Point]) -> list[list[Point]]:
+    """Points that share a run (e.g. several eval settings of one trained model) go in successive waves, so
+    no two jobs of one run ever run at once."""
+    seen, out = {}, []
+    for p in points:
+        k = seen[p.run_id] = seen.get(p.run_id, -1) + 1
+        if k == len(out):
+            out.append([])
+        out[k].append(p)
+    return out
+
+
+# ----------------------------------------------------------------------------- after the sweep
+
+
+def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
+    """One line per grid point from its run directory (the source of truth), then the exit code."""
+    from scaling.evaluate import setting_key
+
+    with_eval = len({setting_key(p.cfg.eval) for p in points}) > 1
+    code = 0
+    for p in points:
+        p.state = point_state(p.cfg)
+        note = outcomes.get(p.run_id, "")
+        if p.state == "failed" or p.run_id in eval_errors or note.startswith("failed"):
+            code = EXIT_FAILED
+        elif p.state != "done" and code == 0:
+            code = EXIT_UNFINISHED
+        extra = eval_errors.get(p.run_id) or (note.removeprefix("failed: ") if note and note != p.state else "")
+        label = p.run_id + (f" [{setting_key(p.cfg.eval)}]" if with_eval else "")
+        print(f"[launch] {label}: {p.state}" + (f" ({extra})" if extra else ""), flush=True)
+    return code
+
+
+def analyze(output_root: str) -> None:
+    """The results table and the figures of the output root, in <output_root>/analysis/ (where installed)."""
+    import importlib.util
+
+    out = Path(output_root) / "analysis"
+    table = out / "results.csv"
+    steps = [("scaling.results", [str(output_root), "-o", str(table)]),
+             ("analysis.figures", [str(table), "-o", str(out)])]
+    for module, argv in steps:
+        if importlib.util.find_spec(module) is None:
+            print(f"[launch] analyze: {module} is not available; skipped", flush=True)
+            return
+        rc = subprocess.call([sys.executable, "-m", module, *argv])
+        if rc:
+            print(f"[launch] analyze: python -m {module} exited {rc}", flush=True)
+            return
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        return run(sys.argv[1:] if argv is None else list(argv))
+    finally:
+        GlobalHydra.instance().clear()  # leave no Hydra state behind in a process that calls main()
+
+
+def run(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
+    args = None
+    try:
+        args = parse_args(argv)
+        hydra, master, launcher, local, points = prepare(args)
+        for p in points:
+            p.state = point_state(p.cfg)
+        slots = local_slots(local, visible_gpus(), os.cpu_count() or 1) if launcher == "local" else None
+    except Exception as e:  # noqa: BLE001 - every input error ends here, as one line
+        print(f"error: {one_line_error(e, args.overrides if args else argv)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    if any(p.cfg.dry_run for p in points):
+        print(format_plan(plan_rows(points)))
+        return 0
+    if not args.multirun and launcher == "local":  # one point, in this process (what each local job runs)
+        status = run_point(points[0].cfg)
+        print(f"[launch] {status['run_id']}: {status['state']}", flush=True)
+        return 0 if status["state"] == "done" else EXIT_FAILED if status["state"] == "failed" else EXIT_UNFINISHED
+
+    for p in points:
+        if p.state in ("done", "running"):
+            print(f"[launch] {p.run_id}: {p.state}, skipped", flush=True)
+    todo = [p for p in points if p.state not in ("done", "running")]
+    outcomes, eval_errors = {}, {}
+    try:
+        if todo and launcher == "local":
+            outcomes = run_local_grid(args, todo, slots)
+        elif todo:
+            outcomes, eval_errors = run_slurm(hydra, master, todo)
+    except KeyboardInterrupt:
+        print("[launch] interrupted" + (": the SLURM jobs keep running; relaunch to follow them again"
+                                        if launcher == "slurm" else ""), flush=True)
+        summarize(points, outcomes, eval_errors)
+        return 130
+    code = summarize(points, outcomes, eval_errors)
+    if args.analyze:
+        for root in dict.fromkeys(p.cfg.output_root for p in points):
+            analyze(root)
+    return code
+
+
+if __name__ == "__main__":
+    from scaling.launch import main as launch_main  # the importable module, not a second copy named __main__:
+    sys.exit(launch_main())                          # SLURM jobs unpickle its functions by reference

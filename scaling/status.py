@@ -1,0 +1,131 @@
+"""The grid as a table, read from the run directories alone (never from the scheduler).
+
+    python -m scaling.status                      # outputs/ (the default output_root)
+    python -m scaling.status /scratch/dit --watch 30
+
+One row per run: state, step / total, latest training loss, latest eval (the metric names its feature space),
+img/s, last update and the SLURM job holding the run. Works while jobs run and after they end. A run whose
+status.json says "running" but whose lease (lock.json) has no live holder shows as "stale": the job died
+without a word (killed, node lost); relaunching the grid resumes it from its newest checkpoint.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from scaling.rundir import RunDir, _lock_is_stale, read_json, read_status
+
+STALE_S = 600.0  # a lease whose heartbeat is older than this is dead (the lease's own default, rundir.py)
+
+
+def lease_is_live(lock: dict | None, stale_s: float = STALE_S) -> bool:
+    """Whether a lock.json content belongs to a holder that is still alive (rundir's definition)."""
+    return bool(lock) and not _lock_is_stale(lock, stale_s)
+
+
+def run_dirs(output_root) -> list[RunDir]:
+    """Every run directory under output_root/runs/ that has a status or a plan, sorted by run id."""
+    root = Path(output_root) / "runs"
+    if not root.is_dir():
+        return []
+    return [RunDir(p) for p in sorted(root.iterdir())
+            if p.is_dir() and ((p / "status.json").is_file() or (p / "plan.json").is_file())]
+
+
+def last_jsonl_row(path, max_bytes: int = 65536) -> dict | None:
+    """The last complete row of a JSONL file, reading only its tail (metrics.jsonl grows long)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+    except FileNotFoundError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line, or the cut first line of the tail
+        if isinstance(row, dict):
+            return row
+    return None
+
+
+def run_row(run: RunDir, stale_s: float = STALE_S) -> dict:
+    status, plan = read_status(run), read_json(run.plan, default={}) or {}
+    lock = read_json(run.lock, default=None)
+    state = status.get("state", "pending")
+    if state == "running" and not lease_is_live(lock, stale_s):
+        state = "stale"
+    metrics, ev = last_jsonl_row(run.metrics), last_jsonl_row(run.evals)
+    times = [t for t in (status.get("updated_at"), (lock or {}).get("heartbeat"), (metrics or {}).get("time")) if t]
+    return {"run_id": run.run_id, "state": state, "step": status.get("step", 0), "steps": plan.get("steps"),
+            "loss": (metrics or {}).get("loss"), "img_per_s": (metrics or {}).get("img_per_s"),
+            "eval": eval_label(ev), "updated_at": max(times) if times else None,
+            "job": (lock or {}).get("slurm_job_id") if lease_is_live(lock, stale_s) else None,
+            "error": status.get("error")}
+
+
+def eval_label(row: dict | None) -> str:
+    """'FD-1K(domain) 41.20 @3000': the value, the feature space and sample count, and the step evaluated."""
+    if not row or row.get("fid") is None:
+        return ""
+    n = int(row.get("num_samples") or 0)
+    samples = f"{n / 1000:g}K" if n >= 1000 else str(n)
+    name = "FID" if str(row.get("feature_extractor", "")).startswith("inception") else "FD"
+    return f"{name}-{samples}({row.get('feature_extractor')}) {row['fid']:.2f} @{row.get('step')}"
+
+
+def age(t: float | None, now: float) -> str:
+    if t is None:
+        return "-"
+    s = max(0, int(now - t))
+    return f"{s}s ago" if s < 120 else f"{s // 60}m ago" if s < 7200 else f"{s // 3600}h ago"
+
+
+def format_table(rows: list[dict], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    head = ("run_id", "state", "step", "loss", "latest eval", "img/s", "updated", "job")
+    body = [(r["run_id"], r["state"], f"{r['step']}/{r['steps'] if r['steps'] is not None else '?'}",
+             f"{r['loss']:.4f}" if r["loss"] is not None else "-", r["eval"] or "-",
+             f"{r['img_per_s']:.1f}" if r["img_per_s"] is not None else "-", age(r["updated_at"], now),
+             str(r["job"] or "-")) for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in (head, *body)]
+    lines += [f"  {r['run_id']}: {r['error']}" for r in rows if r["state"] == "failed" and r["error"]]
+    counts = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    lines.append(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m scaling.status", description=__doc__.splitlines()[0])
+    ap.add_argument("output_root", nargs="?", default="outputs", help="holds runs/<run_id>/ (default outputs)")
+    ap.add_argument("--stale-s", type=float, default=STALE_S,
+                    help=f"a running run whose lease heartbeat is older than this shows as stale (default {STALE_S:g})")
+    ap.add_argument("--watch", type=float, default=0, metavar="S", help="reprint every S seconds until Ctrl-C")
+    args = ap.parse_args(argv)
+    if not Path(args.output_root).is_dir():
+        print(f"error: output_root={args.output_root!r} is not a directory", file=sys.stderr)
+        return 2
+    while True:
+        runs = run_dirs(args.output_root)
+        print(format_table([run_row(r, args.stale_s) for r in runs]) if runs
+              else f"no runs under {Path(args.output_root) / 'runs'}", flush=True)
+        if not args.watch:
+            return 0
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
+        print()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

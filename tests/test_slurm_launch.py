@@ -1,0 +1,185 @@
+"""The launcher on a live SLURM cluster (`sudo bash .ci/slurm.sh start`, docs/slurm.md): a 2x2 laptop grid through
+hydra/launcher=slurm reaches done with its evals (run as their own SLURM jobs); relaunching it submits nothing; a
+job preempted mid-run by USR2 is requeued, resumes, and ends with the weights of an uninterrupted run; a job the
+cluster requeues (scontrol requeue) is followed to its end; a two-task job trains one run with DDP."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["data.image_size=16", "data.max_images=256", "train.batch_img=8", "train.log_every=1", "wandb=disabled"]
+# One CPU and a little memory per job: the test cluster is one 2-core node. timeout_min < 12.5 makes submitit count
+# every USR2 as a time limit, so max_num_timeout (20 in conf/hydra/launcher/slurm.yaml) must allow the requeue.
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
+
+
+def _cluster_problem() -> str | None:
+    hint = "start one with: sudo bash .ci/slurm.sh start"
+    if shutil.which("sbatch") is None:
+        return f"no SLURM cluster: sbatch is not on PATH ({hint})"
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return f"no SLURM cluster: sinfo did not answer within 10 s ({hint})"
+    if out.returncode != 0:
+        return f"no SLURM cluster: sinfo failed: {out.stderr.strip()} ({hint})"
+    if not any(s in ("idle", "mix") for s in out.stdout.split()):
+        return f"no idle or mixed SLURM node (sinfo: {out.stdout.strip()!r}; {hint})"
+    return None
+
+
+SKIP_REASON = _cluster_problem()
+if SKIP_REASON is not None:
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+
+from scaling.checkpoint import checkpoint_path, list_steps, load_checkpoint  # noqa: E402
+from scaling.config import config_from_overrides, run_dir_for  # noqa: E402
+from scaling.rundir import RunDir, read_jsonl, read_status  # noqa: E402
+from scaling.train import train  # noqa: E402
+
+
+def launch(*argv, timeout=360, **kw):
+    return subprocess.run([sys.executable, "-m", "scaling.launch", *argv], capture_output=True, text=True, cwd=ROOT,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+def job_dirs(output_root: Path) -> set[str]:
+    folder = output_root / "slurm" / ".submitit"
+    return {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+
+
+def test_grid_reaches_done_with_evals_and_a_relaunch_submits_nothing(tmp_path):
+    argv = ["-m", "model=laptop_s,laptop_b", "patch=4,8", *TINY, "train.ckpt_every=3", "train.steps=6",
+            "eval.inline=false", "eval.num_samples=16", "eval.num_ref=64", "eval.sampling_steps=5",
+            "eval.batch_size=16", f"output_root={tmp_path}", *SLURM]
+    t0 = time.time()
+    first = launch(*argv)
+    first_s = time.time() - t0
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+    train_jobs = re.findall(r"^\[launch\] job (\S+): ", first.stdout, re.M)
+    eval_jobs = re.findall(r"^\[launch\] eval job (\S+): ", first.stdout, re.M)
+    assert len(train_jobs) == 4 and len(eval_jobs) >= 4, first.stdout  # evals ran as SLURM jobs of their own
+    runs = [RunDir(p) for p in sorted((tmp_path / "runs").iterdir())]
+    assert len(runs) == 4
+    for run in runs:
+        assert read_status(run)["state"] == "done"
+        assert list_steps(run) == [3, 6]
+        assert sorted(r["step"] for r in read_jsonl(run.evals)) == [3, 6]
+        assert all(r["feature_extractor"] == "domain" and r["num_samples"] == 16 for r in read_jsonl(run.evals))
+    assert set(train_jobs + eval_jobs) <= job_dirs(tmp_path)
+
+    before = job_dirs(tmp_path)
+    t0 = time.time()
+    again = launch(*argv, timeout=120)
+    again_s = time.time() - t0
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 4, again.stdout + again.stderr
+    assert "job " not in again.stdout and job_dirs(tmp_path) == before  # nothing submitted
+    print(f"grid: {first_s:.0f} s; relaunch: {again_s:.0f} s")
+
+
+def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(tmp_path):
+    overrides = ["model=laptop_s", "patch=8", *TINY, "train.steps=1500", "train.ckpt_every=100000",
+                 "eval.inline=false", "eval.every_ckpt=1000"]
+    out_root, log = tmp_path / "slurm_run", tmp_path / "launch.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "scaling.launch", "-m", *overrides, f"output_root={out_root}",
+                                 *SLURM], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        job_id, rows = None, 0
+        while time.time() - t0 < 180 and (job_id is None or rows < 30):
+            time.sleep(0.2)
+            job_id = job_id or next(iter(re.findall(r"^\[launch\] job (\S+): ", log.read_text(), re.M)), None)
+            rows = sum(len(read_jsonl(p)) for p in out_root.glob("runs/*/metrics.jsonl"))
+        assert job_id is not None and rows >= 30, log.read_text()
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)  # preemption / time limit
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    finally:
+        proc.kill()
+    wall_s = time.time() - t0
+
+    cfg = config_from_overrides([*overrides, f"output_root={out_root}"])
+    run = run_dir_for(cfg)
+    assert read_status(run)["state"] == "done"
+    saved_on_signal = [s for s in list_steps(run) if s != 1500]
+    assert len(saved_on_signal) == 1 and 30 <= saved_on_signal[0] < 1500  # a checkpoint written at the signal
+    job_log = (out_root / "slurm" / ".submitit" / job_id / f"{job_id}_0_log.out").read_text()
+    assert f"resumed from step {saved_on_signal[0]}" in job_log  # the requeued job resumed from it
+    assert [r["step"] for r in read_jsonl(run.metrics)] == list(range(1, 1501))
+
+    reference = config_from_overrides([*overrides, f"output_root={tmp_path / 'straight'}"])
+    assert train(reference)["state"] == "done"  # the same run, uninterrupted, in this process (one thread)
+    a = load_checkpoint(checkpoint_path(run, 1500))
+    b = load_checkpoint(checkpoint_path(run_dir_for(reference), 1500))
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys() and all(a[key][k].equal(b[key][k]) for k in a[key]), key
+    print(f"preempted run: {wall_s:.0f} s, signal at step {saved_on_signal[0]}")
+
+
+def test_job_requeued_by_the_cluster_is_followed_to_the_end(tmp_path):
+    """`scontrol requeue` (what PreemptMode=REQUEUE does): SIGTERM, training saves and returns, SLURM restarts the
+    job; the launch must follow the next attempt instead of reporting the first one's "preempted"."""
+    overrides = ["model=laptop_s", "patch=8", *TINY, "train.steps=800", "train.ckpt_every=100000",
+                 "eval.inline=false", "eval.every_ckpt=1000", f"output_root={tmp_path}"]
+    log = tmp_path / "launch.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "scaling.launch", "-m", *overrides, *SLURM], cwd=ROOT,
+                                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        job_id, rows = None, 0
+        while time.time() - t0 < 180 and (job_id is None or rows < 30):
+            time.sleep(0.2)
+            job_id = job_id or next(iter(re.findall(r"^\[launch\] job (\S+): ", log.read_text(), re.M)), None)
+            rows = sum(len(read_jsonl(p)) for p in tmp_path.glob("runs/*/metrics.jsonl"))
+        assert job_id is not None and rows >= 30, log.read_text()
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    finally:
+        proc.kill()
+    out = log.read_text()
+    assert f"job {job_id}: requeued by SLURM, following it" in out and out.strip().endswith(": done"), out
+    run = run_dir_for(config_from_overrides(overrides))
+    assert read_status(run)["state"] == "done"
+    assert [r["step"] for r in read_jsonl(run.metrics)] == list(range(1, 801))
+    print(f"requeued run: {time.time() - t0:.0f} s")
+
+
+def test_a_job_with_two_tasks_trains_one_run_with_ddp(tmp_path):
+    """tasks_per_node=2: submitit starts two processes, training reads their ranks from submitit's environment and
+    trains one run with DDP (gloo on CPUs here; one task per GPU on a GPU node)."""
+    overrides = ["model=laptop_s", "patch=8", *TINY, "train.steps=20", "train.ckpt_every=10", "eval.inline=false",
+                 "eval.every_ckpt=1000", f"output_root={tmp_path}"]
+    proc = launch("-m", *overrides, *SLURM, "hydra.launcher.tasks_per_node=2", timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    (job_id,) = re.findall(r"^\[launch\] job (\S+): ", proc.stdout, re.M)
+    run = run_dir_for(config_from_overrides(overrides))
+    plan = json.loads(run.plan.read_text())
+    assert plan["world_size"] == 2 and read_status(run)["state"] == "done" and list_steps(run) == [10, 20]
+    assert [r["step"] for r in read_jsonl(run.metrics)] == list(range(1, 21))  # rank 0 alone writes
+    for task in (0, 1):  # both processes ran the job to its end
+        log = (tmp_path / "slurm" / ".submitit" / job_id / f"{job_id}_{task}_log.out").read_text()
+        assert "Job completed successfully" in log, (task, log[-2000:])
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fails on purpose by asking for a missing GPU")
+def test_a_failing_job_is_failed_in_its_run_directory_and_the_launch_exits_1(tmp_path):
+    """Hydra's job runner keeps a task's exception in its result: the run directory and the exit code must tell."""
+    overrides = ["model=laptop_s", "patch=8", *TINY, "train.steps=20", "train.device=cuda", f"output_root={tmp_path}"]
+    proc = launch("-m", *overrides, *SLURM, timeout=180)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    assert re.search(r": failed \(ValueError: train\.device=cuda but no CUDA device", proc.stdout), proc.stdout
+    status = read_status(run_dir_for(config_from_overrides(overrides)))
+    assert status["state"] == "failed" and status["error"].startswith("ValueError: train.device=cuda")
