@@ -1,7 +1,6 @@
 import os
 import tempfile
 
-import pytest
 import torch
 
 # Two CPU cores on CI: one thread per test process keeps timings predictable.
@@ -9,10 +8,3 @@ torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))
 os.environ.setdefault("WANDB_MODE", "disabled")
 # Trained feature extractors and reference statistics go to a cache of this test session, never the user's.
 os.environ.setdefault("DIT_SCALING_CACHE", tempfile.mkdtemp(prefix="dit-scaling-test-cache-"))
-
-REFERENCE_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
-
-
-@pytest.fixture(scope="session")
-def reference_dir():
-    return REFERENCE_DIR
