@@ -128,15 +128,21 @@ def test_sigusr2_saves_exits_cleanly_and_rerun_matches(tmp_path):
 
 
 @pytest.mark.slow
-def test_loss_falls_and_grid_is_written(tmp_path):
-    cfg = config_from_overrides(["model=laptop_s", "patch=4", "train.steps=300", "train.batch_img=32",
-                                 "train.log_every=25", "train.ckpt_every=300", "eval.inline=false",
+def test_loss_falls_fd_falls_and_grids_are_written(tmp_path):
+    cfg = config_from_overrides(["model=laptop_b", "patch=4", "train.steps=300", "train.batch_img=32",
+                                 "train.log_every=25", "train.ckpt_every=150", "eval.num_samples=200",
+                                 "eval.sampling_steps=10", "eval.num_ref=2000",
                                  "wandb=disabled", f"output_root={tmp_path}"])
     train(cfg)
     run = run_dir_for(cfg)
     rows = read_jsonl(run.metrics)
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     assert (run.samples / "grid_step_0000300.png").is_file()
+    evals = read_jsonl(run.evals)
+    assert [r["step"] for r in evals] == [150, 300]
+    first, last = evals
+    assert last["fid"] < first["fid"], evals  # in the domain feature space
+    assert first["feature_extractor"] == "domain" and "fd200_domain" in first["metrics"]
 
 
 def test_ema_warmup_follows_the_model_early_and_reaches_the_decay():
