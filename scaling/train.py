@@ -342,6 +342,10 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
                             f"ETA {_fmt_s(eta_s)}", flush=True)
                 t_log, steps_since_log, loss_sum = time.perf_counter(), 0, 0.0
 
+            if world > 1:  # a signal reaches the ranks at different steps: all stop at the same one
+                flag = torch.tensor([stop["signal"] or 0], device=device)
+                torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+                stop["signal"] = int(flag.item()) or None
             if step % tc.ckpt_every == 0 or step == tc.steps or stop["signal"] is not None:
                 checkpoint_and_eval(step, img_seen)
                 if rank == 0 and tc.grid_every == 0:
@@ -352,7 +356,9 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
                 log(f"[train] {run.run_id}: signal {stop['signal']} -> saved step {step}, exiting for requeue")
                 if rank == 0:
                     write_status(run, "preempted", step)
-                previous = handlers[stop["signal"]]
+                if world > 1:
+                    torch_dist.barrier()
+                previous = handlers.get(stop["signal"])
                 if callable(previous):  # e.g. submitit's handler under SLURM: it requeues the job and exits
                     bar.close()
                     tracker.finish()
@@ -369,6 +375,8 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
             signal.signal(s, h)
     if rank == 0:
         write_status(run, "done", step, img_seen=img_seen, steps_this_launch=step - start_step)
+    if world > 1:
+        torch_dist.barrier()  # every rank returns the final status
     return read_status(run)
 
 

@@ -152,3 +152,16 @@ def test_ema_warmup_follows_the_model_early_and_reaches_the_decay():
     assert ema_decay_at(0, 0.999, warmup=True) == pytest.approx(0.1)
     assert ema_decay_at(90, 0.999, warmup=True) == pytest.approx(0.91)
     assert ema_decay_at(100_000, 0.999, warmup=True) == 0.999
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_ranks_train_to_done(tmp_path):
+    args = tiny(tmp_path, "train.steps=6")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "scaling.train",
+                           *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("done at step 6") == 2  # both ranks return the final status
+    run = run_dir_for(config_from_overrides(args))
+    assert read_json(run.plan)["world_size"] == 2 and list_steps(run) == [3, 6]
+    assert read_jsonl(run.metrics)[-1]["img_seen"] == 6 * 8  # the global batch is split over the ranks
