@@ -55,10 +55,16 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
 def register_configs() -> None:
-    """Register RunConfig as Hydra's `base_config` schema: every key in conf/ and on the command line is typed."""
+    """Register RunConfig as Hydra's `base_config` schema: every key in conf/ and on the command line is typed.
+
+    Also the local launcher's schema (conf/hydra/launcher/local.yaml extends it), so that its keys are typed too.
+    """
     from hydra.core.config_store import ConfigStore
 
+    from scaling.launch import LocalLauncherConfig  # launch.py imports this module only inside functions
+
     ConfigStore.instance().store(name="base_config", node=RunConfig)
+    ConfigStore.instance().store(group="hydra/launcher", name="local_schema", node=LocalLauncherConfig)
 
 
 def config_from_overrides(overrides: list[str]) -> RunConfig:

@@ -491,8 +491,8 @@ def slurm_executor(params: dict):
 
 class EvalJobs:
     """Eval jobs for grid points whose checkpoints lack their eval setting: at most one job in flight per run
-    (evals.jsonl has one writer at a time), a new one as new checkpoints appear (`poll`); a setting whose job
-    failed, or left its checkpoints unevaluated, is not resubmitted within this launch."""
+    (evals.jsonl has one writer at a time), a new one as new checkpoints appear (`poll`); a run whose eval job
+    failed, or left its checkpoints unevaluated, gets no more eval jobs within this launch."""
 
     def __init__(self, executor, points: list[Point]):
         self.executor, self.points = executor, [p for p in points if not p.cfg.eval.inline]
@@ -534,7 +534,15 @@ class EvalJobs:
     def drain(self) -> dict[str, str]:
         """Poll until no eval job is in flight and none is due; {run_id: error} of the failures."""
         while True:
-            self.poll()
+            try:
+                self.poll()
+            except Exception as e:  # noqa: BLE001 - sbatch refused: no more submissions, wait for those in flight
+                from scaling.config import run_dir_for
+                from scaling.evaluate import missing_evals
+
+                for p in self.points:
+                    if p.run_id not in self.in_flight and missing_evals(run_dir_for(p.cfg).path, p.cfg.eval):
+                        self.failed.setdefault(p.run_id, f"eval submission failed: {_first_line(str(e))}")
             if not self.in_flight:
                 return self.failed
             time.sleep(2.0)

@@ -55,15 +55,18 @@ def add_checkpoints(run: RunDir, steps) -> None:
 # ----------------------------------------------------------------------------- command line and grid
 
 
-def test_parse_args():
+def test_parse_args(monkeypatch):
+    monkeypatch.chdir(ROOT)
     a = parse_args(["-m", "--config-dir", "sweeps", "-cn", "laptop.yaml", "patch=2", "analyze=true"])
-    assert a.multirun and a.config_dir == str((Path("sweeps")).resolve()) and a.config_name == "laptop"
+    assert a.multirun and a.config_dir == str(ROOT / "sweeps") and a.config_name == "laptop"
     assert a.overrides == ["patch=2"] and a.analyze
     assert parse_args(["--config-name=paper", "analyze=false"]).config_name == "paper"
     with pytest.raises(ValueError, match=r"unknown option '--fast'; allowed: -m/--multirun"):
         parse_args(["--fast"])
     with pytest.raises(ValueError, match="analyze takes true or false"):
         parse_args(["analyze=yes"])
+    with pytest.raises(ValueError, match="--config-dir='nowhere' is not a directory"):
+        parse_args(["--config-dir=nowhere"])
 
 
 def _grid(argv):
@@ -497,3 +500,17 @@ def test_two_launches_of_one_run_do_not_both_train_it(tmp_path):
     steps = [r["step"] for r in read_jsonl(RunDir(path).metrics)]
     assert steps == list(range(1, len(steps) + 1))  # one trainer: every step logged once, in order
     assert read_status(RunDir(path))["step"] == steps[-1]
+
+
+def test_eval_submission_refused_is_reported_without_looping(tmp_path, slurm_says_running):
+    cfg = config_from_overrides([*TINY, f"output_root={tmp_path}", "eval.inline=false"])
+    add_checkpoints(run_dir_for(cfg), [3])
+    done = config_from_overrides([*TINY, f"output_root={tmp_path}", "eval.inline=false", "seed=1"])  # nothing due
+    ex = FakeExecutor()
+
+    def refuse(*a):
+        raise RuntimeError("sbatch: error: Batch job submission failed: Invalid account")
+
+    ex.submit = refuse
+    assert EvalJobs(ex, [Point([], cfg, "r"), Point([], done, "d")]).drain() == \
+        {"r": "eval submission failed: sbatch: error: Batch job submission failed: Invalid account"}

@@ -89,7 +89,7 @@ def test_grid_reaches_done_with_evals_and_a_relaunch_submits_nothing(tmp_path):
 
 
 def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(tmp_path):
-    overrides = ["model=laptop_s", "patch=8", *TINY, "train.steps=1500", "train.ckpt_every=100000",
+    overrides = ["model=laptop_s", "patch=8", *TINY, "train.steps=800", "train.ckpt_every=100000",
                  "eval.inline=false", "eval.every_ckpt=1000"]
     out_root, log = tmp_path / "slurm_run", tmp_path / "launch.log"
     t0 = time.time()
@@ -113,16 +113,16 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(tmp_p
     cfg = config_from_overrides([*overrides, f"output_root={out_root}"])
     run = run_dir_for(cfg)
     assert read_status(run)["state"] == "done"
-    saved_on_signal = [s for s in list_steps(run) if s != 1500]
-    assert len(saved_on_signal) == 1 and 30 <= saved_on_signal[0] < 1500  # a checkpoint written at the signal
+    saved_on_signal = [s for s in list_steps(run) if s != 800]
+    assert len(saved_on_signal) == 1 and 30 <= saved_on_signal[0] < 800  # a checkpoint written at the signal
     job_log = (out_root / "slurm" / ".submitit" / job_id / f"{job_id}_0_log.out").read_text()
     assert f"resumed from step {saved_on_signal[0]}" in job_log  # the requeued job resumed from it
-    assert [r["step"] for r in read_jsonl(run.metrics)] == list(range(1, 1501))
+    assert [r["step"] for r in read_jsonl(run.metrics)] == list(range(1, 801))
 
     reference = config_from_overrides([*overrides, f"output_root={tmp_path / 'straight'}"])
     assert train(reference)["state"] == "done"  # the same run, uninterrupted, in this process (one thread)
-    a = load_checkpoint(checkpoint_path(run, 1500))
-    b = load_checkpoint(checkpoint_path(run_dir_for(reference), 1500))
+    a = load_checkpoint(checkpoint_path(run, 800))
+    b = load_checkpoint(checkpoint_path(run_dir_for(reference), 800))
     for key in ("model", "ema"):
         assert a[key].keys() == b[key].keys() and all(a[key][k].equal(b[key][k]) for k in a[key]), key
     print(f"preempted run: {wall_s:.0f} s, signal at step {saved_on_signal[0]}")
