@@ -150,7 +150,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _lock_is_stale(info: dict, stale_s: float) -> bool:
+def lock_is_stale(info: dict, stale_s: float) -> bool:
     if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
         return True  # the holder died on this machine
     return time.time() - float(info.get("heartbeat", 0)) > stale_s  # holder elsewhere stopped beating
@@ -172,7 +172,7 @@ def acquire_lock(run: RunDir, stale_s: float = 600.0) -> dict:
             info = read_json(run.lock, default={}) or {}
             if info.get("host") == me["host"] and info.get("pid") == me["pid"]:
                 return me  # re-entrant within one process
-            if not _lock_is_stale(info, stale_s):
+            if not lock_is_stale(info, stale_s):
                 raise RunLocked(f"run {run.run_id} is being trained by pid {info.get('pid')} on "
                                 f"{info.get('host')} (lease {run.lock}); not starting a second copy")
             os.unlink(run.lock)  # stale: take it over

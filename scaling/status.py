@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from scaling.rundir import RunDir, _lock_is_stale, read_json, read_status
+from scaling.rundir import RunDir, lock_is_stale, read_json, read_status
 
 STALE_S = 600.0  # a lease whose heartbeat is older than this is dead (the lease's own default, rundir.py)
 
 
 def lease_is_live(lock: dict | None, stale_s: float = STALE_S) -> bool:
     """Whether a lock.json content belongs to a holder that is still alive (rundir's definition)."""
-    return bool(lock) and not _lock_is_stale(lock, stale_s)
+    return bool(lock) and not lock_is_stale(lock, stale_s)
 
 
 def run_dirs(output_root) -> list[RunDir]:

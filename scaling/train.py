@@ -213,11 +213,12 @@ def train(cfg) -> dict:
     plan = make_plan(cfg, device=str(device), world_size=world)
     if rank == 0:
         run.create()
-        from omegaconf import OmegaConf
-        atomic_write_text(run.config, OmegaConf.to_yaml(config_to_dict(cfg)))
-        write_json(run.plan, plan)
     lock = run_lock(run) if rank == 0 else _no_lock()
-    with lock:
+    with lock:  # a second launch of a running run stops here, before touching its files
+        if rank == 0:
+            from omegaconf import OmegaConf
+            atomic_write_text(run.config, OmegaConf.to_yaml(config_to_dict(cfg)))
+            write_json(run.plan, plan)
         return _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_model_for, Diffusion,
                              Tracker, config_to_dict)
 
@@ -365,6 +366,8 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
                     previous(stop["signal"], None)
                 return read_status(run)
     except BaseException as e:
+        if isinstance(e, SystemExit) and stop["signal"] is not None:
+            raise  # submitit's requeue handler exits the job after our checkpoint: preempted, not failed
         if rank == 0:
             write_status(run, "failed", step, error=f"{type(e).__name__}: {e}")
         raise
