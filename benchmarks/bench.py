@@ -295,35 +295,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_runs(runs: list[Callable[[], object]], device: torch.device, warmups: list[int], iters: list[int]) -> list[dict]:
+def time_runs(runs: list[Callable[[], object]], device: torch.device, warmup: int, iters: int) -> list[dict]:
     """Time several measurements round-robin (one iteration of each in turn), so that they share the machine's
-    state (other load, clock, caches) as evenly as possible. Per run: median, min and max seconds of its `iters`
-    timed calls after `warmup` untimed ones; first_s is its first (compile) call. On a GPU, the peak memory of a
-    run timed alone."""
+    state (other load, clock, caches) as evenly as possible. Per run: median, min and max seconds of `iters` timed
+    calls after `warmup` untimed ones; first_s is its first (compile) call. On a GPU, the peak memory of a run
+    timed alone."""
     times: list[list[float]] = [[] for _ in runs]
     first = [0.0] * len(runs)
-    for i in range(max(w + n for w, n in zip(warmups, iters))):
+    for i in range(warmup + iters):
+        if i == warmup and device.type == "cuda" and len(runs) == 1:
+            torch.cuda.reset_peak_memory_stats(device)
         for j, run in enumerate(runs):
-            if i >= warmups[j] + iters[j]:
-                continue
-            if i == warmups[j] and device.type == "cuda" and len(runs) == 1:
-                torch.cuda.reset_peak_memory_stats(device)
             t0 = time.perf_counter()
             run()
             sync(device)
             dt = time.perf_counter() - t0
             first[j] = dt if i == 0 else first[j]
-            if i >= warmups[j]:
+            if i >= warmup:
                 times[j].append(dt)
-    out = [{"warmup": w, "iters": n, "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
-            "first_s": f} for w, n, ts, f in zip(warmups, iters, times, first)]
+    out = [{"warmup": warmup, "iters": iters, "median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts),
+            "first_s": f} for ts, f in zip(times, first)]
     if device.type == "cuda" and len(runs) == 1:
         out[0]["mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
 
 
-def time_iters(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> dict:
-    return time_runs([fn], device, [warmup], [iters])[0]
+
 
 
 @contextlib.contextmanager
@@ -655,6 +652,12 @@ def explain_gap(spec: TrainSpec, device: torch.device) -> dict:
               "overhead_s": fwd_bwd_s - matmul_s - other_s, "optimizer_s": med["optimizer"], "ema_s": med["ema"]}
     kind = "fp32 (TF32)" if spec.tf32 else ("bf16" if spec.amp == "bf16" else "fp32")
     ms = lambda s: f"{1e3 * s:8.1f} ms"  # noqa: E731
+
+    def bound(gb_s: float) -> str:
+        """Parameter-streaming work does ~1 flop per byte: near the copy bandwidth it is memory-bound."""
+        if gb_s >= 0.6 * copy_gb_s:
+            return f"memory-bound (a plain copy, read + write, runs at {copy_gb_s:.1f} GB/s)"
+        return f"below the copy bandwidth ({copy_gb_s:.1f} GB/s): per-tensor overhead and arithmetic"
     lines = [f"Gap analysis: {spec.label} ({spec.model}/{spec.patch}, batch {spec.batch_img}, {spec.amp}, "
              f"{spec.attention} attention, {device.type}; medians of {spec.iters}, phases synchronised)",
              f"  step {1e3 * step_s:.1f} ms = forward {1e3 * med['forward']:.1f} + backward {1e3 * med['backward']:.1f}"
@@ -670,8 +673,9 @@ def explain_gap(spec: TrainSpec, device: torch.device) -> dict:
              f"{ms(budget['overhead_s'])}  outside any op: Python, dispatch"
              f"{', kernel launches (GPU idle)' if device.type == 'cuda' else ''}",
              f"{ms(med['optimizer'])}  AdamW: {opt_gb:.2f} GB moved ({params / 1e6:.1f}M params x 7 fp32 tensors) at "
-             f"{opt_gb / med['optimizer']:.1f} GB/s; a plain copy runs at {copy_gb_s:.1f} GB/s: memory-bound",
-             f"{ms(med['ema'])}  EMA: {ema_gb:.2f} GB moved at {ema_gb / med['ema']:.1f} GB/s: memory-bound",
+             f"{opt_gb / med['optimizer']:.1f} GB/s, {bound(opt_gb / med['optimizer'])}",
+             f"{ms(med['ema'])}  EMA: {ema_gb:.2f} GB moved at {ema_gb / med['ema']:.1f} GB/s, "
+             f"{bound(ema_gb / med['ema'])}",
              "  (forward + backward split by the profiler's per-op times, scaled to the unprofiled time)"]
     return {"label": spec.label, "phase_s": {k: med[k] for k in ("forward", "backward", "optimizer", "ema")},
             "step_s": step_s, "model_gflop_per_step": model_gflop, "gflop_per_s": model_gflop / step_s,
@@ -726,7 +730,7 @@ def suite_specs(name: str, device: torch.device, batch: dict[str, int] | None = 
     if name == "cpu":
         s8 = train_ladder("train S/8 b8", "dit_s", 8, 8, warmup=3, iters=15)
         fast = s8[-1]
-        s2 = train_ladder("train S/2 b8", "dit_s", 2, 8, warmup=1, iters=3)
+        s2 = train_ladder("train S/2 b8", "dit_s", 2, 8, warmup=1, iters=4)
         specs = [MatmulSpec("mm fp32 2048", 2048, "fp32"), MatmulSpec("mm bf16 2048", 2048, "bf16"),
                  BandwidthSpec("copy 256 MiB", 256), *s8,
                  dataclasses.replace(fast, label="train S/8 b8 fast+bf16", amp="bf16"),
@@ -737,14 +741,14 @@ def suite_specs(name: str, device: torch.device, batch: dict[str, int] | None = 
                  EncodeSpec("encode tiny_vae 256px b8", "tiny_vae"),
                  EncodeSpec("encode tiny_vae 256px b8 channels_last", "tiny_vae", channels_last=True),
                  EncodeSpec("encode sd_vae 256px b1", "sd_vae", batch_img=1, warmup=1, iters=2),
-                 SampleSpec("sample S/8 b8", steps_timed=10),
-                 SampleSpec("sample S/8 b8 split guidance", steps_timed=10, batched_guidance=False),
-                 SampleSpec("sample S/8 b8 grad on", steps_timed=10, no_grad=False),
-                 SampleSpec("sample S/8 b8 bf16", steps_timed=10, amp="bf16"),
+                 SampleSpec("sample S/8 b8", steps_timed=4, iters=7),
+                 SampleSpec("sample S/8 b8 split guidance", steps_timed=4, batched_guidance=False, iters=7),
+                 SampleSpec("sample S/8 b8 grad on", steps_timed=4, no_grad=False, iters=7),
+                 SampleSpec("sample S/8 b8 bf16", steps_timed=4, amp="bf16", iters=7),
                  FeatureSpec("features domain 32px b256", "domain", 256, 32),
-                 FeatureSpec("features inception 256px b8", "inception_offline", 8, 256, warmup=1, iters=3),
+                 FeatureSpec("features inception 256px b8", "inception_offline", 8, 256, warmup=1, iters=5),
                  FeatureSpec("features inception 256px b8 channels_last", "inception_offline", 8, 256,
-                             channels_last=True, warmup=1, iters=3)]
+                             channels_last=True, warmup=1, iters=5)]
         comparisons = [("fused attention (SDPA) S/8", "train S/8 b8 sdpa", "train S/8 b8 plain"),
                        ("fused attention (SDPA) S/2", "train S/2 b8 sdpa", "train S/2 b8 plain"),
                        ("foreach AdamW + foreach EMA", "train S/8 b8 sdpa+foreach", "train S/8 b8 sdpa"),
@@ -868,7 +872,15 @@ def machine_info(device: torch.device, peak_tflops: float | None, peak_source: s
     return {"hostname": socket.gethostname(), "device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "peak_bf16_tflops": peak_tflops, "peak_source": peak_source}
+            "peak_bf16_tflops": peak_tflops, "peak_source": peak_source, "load_avg_1min_start": load_average()}
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: above the core count, other processes share the cores and slow every row."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def versions() -> dict:
@@ -902,8 +914,9 @@ def run_group(specs: list, device: torch.device, peaks: dict, peak_tflops: float
         except Exception as e:
             rows[i]["error"] = error_text(e)
     try:
-        timings = time_runs([p.run for p in prepared.values()], device, [specs[i].warmup for i in prepared],
-                            [specs[i].iters for i in prepared]) if prepared else []
+        # a round-robin group shares its largest warmup and iters, so that all timed iterations span the same time
+        timings = time_runs([p.run for p in prepared.values()], device, max(s.warmup for s in specs),
+                            max(s.iters for s in specs)) if prepared else []
         for (i, p), timing in zip(prepared.items(), timings):
             rows[i].update(timing)
             rows[i].update(p.finish(timing))
@@ -937,6 +950,7 @@ def run_suite(name: str, device: torch.device, batch: dict | None = None, iters:
     peak_source = "--peak-tflops"
     if peak_tflops is None:
         peak_tflops, peak_source = gpu_peak_tflops(device)
+    machine, t_start = machine_info(device, peak_tflops, peak_source), time.perf_counter()
     by_label, peaks = {}, {}
     bar = tqdm(total=len(specs), desc=f"bench {name}", unit="config", disable=not progress)
     for label in specs:
@@ -979,7 +993,8 @@ def run_suite(name: str, device: torch.device, batch: dict | None = None, iters:
         target = {"config": suite.target[0], "reference": suite.target[1], "ratio": fast / plain if fast and plain
                   else None, "goal": ">= 1 (at least as fast as plain eager with unfused attention)"}
     return {"suite": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine_info(device, peak_tflops, peak_source), "versions": versions(),
+            "machine": {**machine, "load_avg_1min_end": load_average(), "wall_s": time.perf_counter() - t_start},
+            "versions": versions(),
             "settings": {"timing": "median of iters timed iterations after warmup (per row)",
                          "model_flops": "3 x 2 x fvcore forward Gflops per image (multiply-add = 2 flops)",
                          "sample": f"DDPM {SAMPLE_STEPS} steps, guidance batched as 2N unless stated; "
@@ -997,7 +1012,9 @@ def format_report(result: dict) -> str:
     lines = [f"dit-scaling benchmark, suite {result['suite']}, {result['created']}",
              f"machine: {m['hostname']} | {m['device']} | {m['gpu'] or m['cpu']} | {m['cpu_count']} cores, torch "
              f"threads {m['torch_threads']} | torch {result['versions']['torch']}",
-             f"peak for MFU: {fmt(m['peak_bf16_tflops'])} TFLOP/s bf16 ({m['peak_source']})", ""]
+             f"peak for MFU: {fmt(m['peak_bf16_tflops'])} TFLOP/s bf16 ({m['peak_source']})",
+             f"1-min load average at start / end: {m['load_avg_1min_start']} / {m.get('load_avg_1min_end')} "
+             f"({m['cpu_count']} cores; above the core count other processes share the cores)", ""]
     cols = ("label", "img/s", "ms/iter", "iters", "GFLOP/s", "%mm-peak", "MFU%", "mem GiB", "saved MiB", "note")
     table = []
     for r in result["rows"]:
@@ -1080,7 +1097,12 @@ def main(argv: list[str] | None = None) -> dict:
                         help="include torch.compile rows (default: on, except for the smoke suite)")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the bf16 peak used for MFU")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads={args.threads}; allowed: >= 1")
+        torch.set_num_threads(args.threads)
     check_choice("--suite", args.suite, SUITES)
     check_choice("--device", args.device, ("auto", "cpu", "cuda"))
     if args.device == "cuda" and not torch.cuda.is_available():

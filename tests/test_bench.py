@@ -53,6 +53,7 @@ def test_smoke_suite_writes_json_csv_txt_with_schema(smoke):
     saved = json.loads(paths["json"].read_text())
     assert {"suite", "machine", "versions", "settings", "rows", "comparisons", "target", "gap"} <= set(saved)
     assert saved["machine"]["device"] == "cpu" and saved["machine"]["torch_threads"] >= 1
+    assert saved["machine"]["wall_s"] > 0 and "load_avg_1min_start" in saved["machine"]
     assert saved["versions"]["torch"] == torch.__version__
     rows = saved["rows"]
     assert {r["kind"] for r in rows} == set(bench.KINDS.values())  # one of each measurement kind
