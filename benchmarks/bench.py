@@ -89,7 +89,8 @@ def check_choice(name: str, value, allowed) -> None:
 
 @dataclass(frozen=True)
 class MatmulSpec:
-    """torch.mm of two n x n matrices (2 n^3 flops): the achievable matmul peak of this device in `dtype`."""
+    """torch.mm of two n x n matrices (2 n^3 flops): the achievable matmul peak of this device in `dtype` (from the
+    best of `iters` iterations: a peak, not a typical rate)."""
     label: str
     n: int = 2048
     dtype: str = "fp32"          # fp32 | tf32 (fp32 with TF32 matmuls) | bf16
@@ -102,7 +103,8 @@ class MatmulSpec:
 
 @dataclass(frozen=True)
 class BandwidthSpec:
-    """A copy of `mib` MiB (reads + writes 2 x mib): the memory bandwidth memory-bound work is limited by."""
+    """A copy of `mib` MiB (reads + writes 2 x mib): the memory bandwidth memory-bound work is limited by (best of
+    `iters` iterations)."""
     label: str
     mib: int = 256
     warmup: int = 2
@@ -410,14 +412,14 @@ def with_tf32(fn: Callable[[], object], device: torch.device, enabled: bool) -> 
 def prepare_matmul(spec: MatmulSpec, device: torch.device) -> Prepared:
     dtype = torch.bfloat16 if spec.dtype == "bf16" else torch.float32
     a, b = (torch.randn(spec.n, spec.n, device=device, dtype=dtype) for _ in range(2))
-    return Prepared(with_tf32(lambda: torch.mm(a, b), device, spec.dtype == "tf32"),
-                    lambda t: {"gflop_per_s": 2 * spec.n ** 3 / t["median_s"] / 1e9})
+    return Prepared(with_tf32(lambda: torch.mm(a, b), device, spec.dtype == "tf32"),     # a peak: the best iteration
+                    lambda t: {"gflop_per_s": 2 * spec.n ** 3 / t["min_s"] / 1e9})
 
 
 def prepare_bandwidth(spec: BandwidthSpec, device: torch.device) -> Prepared:
     src = torch.randn(spec.mib * 2**18, device=device)                        # fp32: 4 bytes per element
     dst = torch.empty_like(src)
-    return Prepared(lambda: dst.copy_(src), lambda t: {"gb_per_s": 2 * spec.mib * 2**20 / t["median_s"] / 1e9})
+    return Prepared(lambda: dst.copy_(src), lambda t: {"gb_per_s": 2 * spec.mib * 2**20 / t["min_s"] / 1e9})
 
 
 @dataclass
@@ -599,7 +601,7 @@ def explain_gap(spec: TrainSpec, device: torch.device) -> dict:
     """Where one training step's time goes. The step is set against the time its model FLOPs would take at the
     torch.mm peak, and the difference is split into matmuls below that peak, memory-bound ops, AdamW, EMA and
     overhead. The peak matmul, the model's MLP GEMM and a memory copy are timed in the same loop as the step's
-    phases, so that all of them see the same machine state."""
+    phases, so that all of them see the same machine state; phases are medians, the three probes their best."""
     from scaling.models import MODELS
 
     if spec.compile:
@@ -633,7 +635,8 @@ def explain_gap(spec: TrainSpec, device: torch.device) -> dict:
                 for k, dt in dts.items():
                     times[k].append(dt)
         ops = op_breakdown(step, device)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) if k in ("forward", "backward", "optimizer", "ema") else min(v)  # probes: peaks
+           for k, v in times.items()}
     step_s = med["forward"] + med["backward"] + med["optimizer"] + med["ema"]
     model_gflop = 3 * 2 * model_gflops(spec.model, spec.patch, spec.input_size) * spec.batch_img   # per step
     peak = 2 * n ** 3 / med["mm_peak"] / 1e9
@@ -690,7 +693,7 @@ def explain_gap(spec: TrainSpec, device: torch.device) -> dict:
 
 @dataclass
 class Suite:
-    specs: list
+    specs: list[Spec]
     comparisons: list[tuple[str, str, str]]     # (speed feature, label with it on, label with it off)
     gap: TrainSpec | None = None
     target: tuple[str, str] | None = None       # (label, plain reference label) for the CPU target ratio
@@ -701,22 +704,23 @@ class Suite:
     notes: list[str] = field(default_factory=list)
 
 
-def train_ladder(prefix: str, model: str, patch: int, batch: int, **base) -> list[TrainSpec]:
+def train_ladder(prefix: str, model: str, patch: int, batch: int, warmup: int, iters: int,
+                 input_size: int = 32) -> list[TrainSpec]:
     """The plain reference, then one speed feature switched on at a time."""
-    plain = TrainSpec(f"{prefix} plain", model, patch, batch, attention="unfused", optimizer="loop", ema="loop",
-                      **base)
+    plain = TrainSpec(f"{prefix} plain", model, patch, batch, input_size, attention="unfused", optimizer="loop",
+                      ema="loop", warmup=warmup, iters=iters)
     sdpa = dataclasses.replace(plain, label=f"{prefix} sdpa", attention="sdpa")
     foreach = dataclasses.replace(sdpa, label=f"{prefix} sdpa+foreach", optimizer="foreach", ema="foreach")
     fast = dataclasses.replace(foreach, label=f"{prefix} fast", optimizer="fused")
     return [plain, sdpa, foreach, fast]
 
 
-def suite_specs(name: str, device: torch.device, batch: dict[str, int] | None = None, compile: bool = True) -> Suite:
+def suite_specs(name: str, batch: dict[str, int] | None = None, compile: bool = True) -> Suite:
     """The configurations of a suite. `batch` overrides the headline batch of a model, e.g. {"dit_xl/2": 128}."""
     check_choice("suite", name, SUITES)
     batch = batch or {}
     if name == "smoke":  # one tiny configuration of each measurement kind (tests/test_bench.py)
-        plain, sdpa, _, fast = train_ladder("train", "laptop_s", 4, 2, input_size=16, warmup=1, iters=2)
+        plain, sdpa, _, fast = train_ladder("train", "laptop_s", 4, 2, warmup=1, iters=2, input_size=16)
         specs = [MatmulSpec("mm fp32", n=128, warmup=1, iters=3), BandwidthSpec("copy", mib=8, warmup=1, iters=3),
                  plain, fast,
                  dataclasses.replace(fast, label="train ckpt", grad_ckpt=True),
@@ -780,11 +784,9 @@ def suite_specs(name: str, device: torch.device, batch: dict[str, int] | None = 
     # gpu: bf16 + compile at batches that fill an 80 GB GPU; OOMs are recorded, not fatal
     xl, b4, s8 = batch.get("dit_xl/2", 128), batch.get("dit_b/4", 512), batch.get("dit_s/8", 2048)
     t = dict(warmup=5, iters=20)
-    ladder = train_ladder("train XL/2 b32", "dit_xl", 2, 32, **t)
-    plain, sdpa, foreach, fast = ladder
-    ladder[0] = dataclasses.replace(plain, optimizer="foreach", ema="foreach")  # torch's default AdamW on CUDA
-    ladder[1] = dataclasses.replace(sdpa, optimizer="foreach", ema="foreach")
-    ladder.pop(2)
+    plain, sdpa, _, fast = train_ladder("train XL/2 b32", "dit_xl", 2, 32, **t)
+    ladder = [dataclasses.replace(plain, optimizer="foreach"),  # torch's default AdamW on CUDA
+              dataclasses.replace(sdpa, optimizer="foreach"), fast]
     fast_bf16 = dataclasses.replace(fast, label="train XL/2 b32 fast+bf16", amp="bf16")
     best = TrainSpec(f"train XL/2 b{xl} best", "dit_xl", 2, xl, attention="flash", amp="bf16", compile=compile, **t)
     specs = [MatmulSpec("mm bf16 8192", 8192, "bf16", 5, 20), MatmulSpec("mm tf32 8192", 8192, "tf32", 5, 20),
@@ -898,7 +900,7 @@ def error_text(e: Exception) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def run_group(specs: list, device: torch.device, peaks: dict, peak_tflops: float | None) -> list[dict]:
+def run_group(specs: list[Spec], device: torch.device, peaks: dict, peak_tflops: float | None) -> list[dict]:
     """Rows for specs measured together (round-robin, see time_runs); a failure (out of memory at a large batch,
     missing weights) is recorded in the row's `error` and the suite goes on."""
     rows = [{"kind": KINDS[type(s)], "label": s.label, **{k: v for k, v in dataclasses.asdict(s).items()
@@ -936,14 +938,21 @@ def run_group(specs: list, device: torch.device, peaks: dict, peak_tflops: float
     return rows
 
 
-def run_spec(spec, device: torch.device, peaks: dict, peak_tflops: float | None) -> dict:
+def run_spec(spec: Spec, device: torch.device, peaks: dict, peak_tflops: float | None) -> dict:
     return run_group([spec], device, peaks, peak_tflops)[0]
+
+
+def run_gap(spec: TrainSpec, device: torch.device) -> dict:
+    try:
+        return explain_gap(spec, device)
+    except Exception as e:
+        return {"label": spec.label, "error": error_text(e), "lines": [f"gap analysis failed: {error_text(e)}"]}
 
 
 def run_suite(name: str, device: torch.device, batch: dict | None = None, iters: int | None = None,
               warmup: int | None = None, compile: bool = True, peak_tflops: float | None = None,
               progress: bool = True) -> dict:
-    suite = suite_specs(name, device, batch, compile)
+    suite = suite_specs(name, batch, compile)
     overrides = {k: v for k, v in (("iters", iters), ("warmup", warmup)) if v is not None}
     specs = {s.label: dataclasses.replace(s, **overrides) for s in suite.specs}
     group_of = {label: group for group in suite.interleave for label in group}
@@ -951,7 +960,7 @@ def run_suite(name: str, device: torch.device, batch: dict | None = None, iters:
     if peak_tflops is None:
         peak_tflops, peak_source = gpu_peak_tflops(device)
     machine, t_start = machine_info(device, peak_tflops, peak_source), time.perf_counter()
-    by_label, peaks = {}, {}
+    by_label, peaks, gap = {}, {}, None
     bar = tqdm(total=len(specs), desc=f"bench {name}", unit="config", disable=not progress)
     for label in specs:
         if label in by_label:
@@ -963,8 +972,12 @@ def run_suite(name: str, device: torch.device, batch: dict | None = None, iters:
             if row["kind"] == "matmul" and "gflop_per_s" in row:
                 peaks[row["dtype"]] = max(peaks.get(row["dtype"], 0.0), row["gflop_per_s"])
         bar.update(len(group))
+        if suite.gap is not None and gap is None and suite.gap.label in {s.label for s in group}:
+            gap = run_gap(dataclasses.replace(suite.gap, **overrides), device)  # right after its group: same load
     bar.close()
     rows = [by_label[label] for label in specs]
+    if suite.gap is not None and gap is None:  # its configuration is not one of the rows
+        gap = run_gap(dataclasses.replace(suite.gap, **overrides), device)
     comparisons = []
     for feature, on, off in suite.comparisons:
         a, b = by_label[on].get("img_per_s") or by_label[on].get("gflop_per_s"), \
@@ -980,13 +993,6 @@ def run_suite(name: str, device: torch.device, batch: dict | None = None, iters:
                             "on_rate": a, "off_rate": b, "speedup": a / b if b else None,
                             **{f"{side}_{key}": None for side in ("on", "off")
                                for key in ("mem_peak_gib", "saved_act_mib")}})
-    gap = None
-    if suite.gap is not None:
-        gap_spec = dataclasses.replace(suite.gap, **overrides)
-        try:
-            gap = explain_gap(gap_spec, device)
-        except Exception as e:
-            gap = {"label": gap_spec.label, "error": f"{type(e).__name__}: {e}", "lines": [f"gap analysis failed: {e}"]}
     target = None
     if suite.target is not None:
         fast, plain = (by_label[k].get("img_per_s") for k in suite.target)

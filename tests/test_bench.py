@@ -184,7 +184,7 @@ def test_split_guidance_matches_batched_forward_and_grad_on_sampler_records():
 
 @pytest.mark.parametrize("name,compile", [("cpu", False), ("cpu", True), ("gpu", True), ("smoke", False)])
 def test_suites_are_consistent(name, compile):
-    suite = bench.suite_specs(name, CPU, {"dit_xl/2": 64}, compile)
+    suite = bench.suite_specs(name, {"dit_xl/2": 64}, compile)
     labels = [s.label for s in suite.specs]
     assert len(labels) == len(set(labels))
     for _, on, off in suite.comparisons:
