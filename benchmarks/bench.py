@@ -858,7 +858,7 @@ def gpu_peak_tflops(device: torch.device) -> tuple[float | None, str]:
     if device.type != "cuda":
         return None, "no datasheet peak on CPUs: compared with the measured torch.mm peak"
     name = torch.cuda.get_device_name(device)
-    table = {**PEAK_BF16_TFLOPS_EXACT, **{k: v for k, v in PEAK_BF16_TFLOPS.items()}}
+    table = {**PEAK_BF16_TFLOPS, **PEAK_BF16_TFLOPS_EXACT}
     for key in sorted(table, key=len, reverse=True):   # the most specific name first ("H100 PCIe" before "H100")
         if key.lower() in name.lower():
             return table[key], f"{name}: dense bf16 datasheet peak for '{key}'"
