@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.rundir import RunDir, read_json
+from scaling.rundir import RunDir, read_json, read_jsonl_counting
 
 # The table's columns in order (docs/design.md); named metrics from evals.jsonl `metrics` follow them.
 COLUMNS = [
@@ -68,29 +68,6 @@ def train_flops(gflops_per_img, batch_img, step):
 # ----------------------------------------------------------------------------- reading run directories
 
 
-def _read_jsonl_counting(path) -> tuple[list[dict], int]:
-    """Rows of a JSONL file and the number of malformed lines skipped (torn writes, hand edits)."""
-    rows, bad = [], 0
-    try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    bad += 1
-                    continue
-                if isinstance(row, dict):
-                    rows.append(row)
-                else:
-                    bad += 1
-    except FileNotFoundError:
-        pass
-    return rows, bad
-
-
 def _run_dirs(root: Path) -> tuple[list[RunDir], int]:
     """Run directories under `root/runs/` with a plan.json (or `root` itself if it is one); count of the rest."""
     if (root / "plan.json").is_file():
@@ -107,7 +84,7 @@ def run_rows(run: RunDir) -> tuple[list[dict], int]:
     """The table rows of one run directory and the number of malformed evals.jsonl lines skipped."""
     plan = read_json(run.plan, default={}) or {}
     status = read_json(run.status, default={}) or {}
-    evals, bad = _read_jsonl_counting(run.evals)
+    evals, bad = read_jsonl_counting(run.evals)
     base = {
         "run_id": plan.get("run_id", run.run_id), "model": plan.get("model"),
         "family": plan.get("family") or ("paper" if str(plan.get("model", "")).startswith("dit_") else "laptop"),

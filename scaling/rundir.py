@@ -93,9 +93,10 @@ def append_jsonl(path, obj) -> None:
         os.fsync(f.fileno())
 
 
-def read_jsonl(path) -> list[dict]:
-    """All complete rows of a JSONL file; a malformed line (a torn write from a killed job) is skipped."""
-    rows = []
+def read_jsonl_counting(path) -> tuple[list[dict], int]:
+    """Rows of a JSONL file and the number of malformed lines skipped (a torn write from a killed job, a hand
+    edit, a line that is not an object)."""
+    rows, bad = [], 0
     try:
         with open(path) as f:
             for line in f:
@@ -103,12 +104,22 @@ def read_jsonl(path) -> list[dict]:
                 if not line:
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError:
+                    bad += 1
                     continue
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
+                    bad += 1
     except FileNotFoundError:
         pass
-    return rows
+    return rows, bad
+
+
+def read_jsonl(path) -> list[dict]:
+    """All complete rows of a JSONL file; malformed lines are skipped."""
+    return read_jsonl_counting(path)[0]
 
 
 def truncate_jsonl(path, max_step: int) -> None:
