@@ -452,6 +452,22 @@ def run_local(args: LaunchArgs, points: list[Point], slots: list[dict], log_dir:
     return codes
 
 
+def largest_first(points: list[Point]) -> list[Point]:
+    """The points by training FLOPs left to do, largest first: with a pool of N slots the grid then ends when its
+    largest job ends, not when a large job started last does (the 12-point grid in grid order ran laptop-XL/2,
+    ~40% of the work, last)."""
+    from scaling.config import make_plan, run_dir_for
+    from scaling.rundir import read_status
+
+    def flops_to_go(p: Point) -> float:
+        plan = make_plan(p.cfg, count="closed_form")
+        run = run_dir_for(p.cfg)
+        done = read_status(run).get("step", 0) if run.status.is_file() else 0
+        return plan["train_flops"] * max(0, p.cfg.train.steps - done) / max(1, p.cfg.train.steps)
+
+    return sorted(points, key=flops_to_go, reverse=True)  # stable: equal costs keep the grid's order
+
+
 def run_local_grid(args: LaunchArgs, todo: list[Point], slots: list[dict]) -> dict[str, str]:
     """The points wave by wave (a run is never in two jobs at once); {run_id: outcome} of failed jobs."""
     from scaling.config import run_dir_for
@@ -459,7 +475,7 @@ def run_local_grid(args: LaunchArgs, todo: list[Point], slots: list[dict]) -> di
 
     outcomes = {}
     for wave in waves(todo):
-        wave = [p for p in wave if point_state(p.cfg) not in ("done", "running")]
+        wave = largest_first([p for p in wave if point_state(p.cfg) not in ("done", "running")])
         codes = run_local(args, wave, slots, Path(wave[0].cfg.output_root) / "logs") if wave else {}
         for p in wave:
             rc = codes.get(p.run_id, 0)

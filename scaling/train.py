@@ -241,7 +241,7 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
     model = build_model_for(cfg, plan).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
-                            weight_decay=tc.weight_decay, fused=device.type == "cuda")
+                            weight_decay=tc.weight_decay, fused=device.type in ("cuda", "cpu"))
     diffusion = Diffusion(cfg.diffusion)
 
     # Resume from the newest checkpoint, if any.
