@@ -26,16 +26,6 @@ PLAN = {"input_size": SIZE, "in_channels": 1, "num_classes": 10, "pixel_space": 
 FAST = dict(sampler="ddim", sampling_steps=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """The session's cache directory (shared with test_features.py: the domain classifier trains once)."""
-    path = tmp_path_factory.getbasetemp() / "dit-scaling-cache"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DIT_SCALING_CACHE", str(path))
-    yield path
-    mp.undo()
-
-
 def tiny_model(seed=0):
     torch.manual_seed(seed)
     model = build_model("laptop_s", 8, input_size=SIZE, in_channels=1, num_classes=10)

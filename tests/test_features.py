@@ -19,18 +19,8 @@ from scaling.features import (INCEPTION_FILE, DomainExtractor, InceptionOfflineE
 SIZE = 16  # the domain classifier of the tests: animal_mnist at 16 px (trains in ~15 s on one thread)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """One cache directory for the whole session (shared with test_evaluate.py: the classifier trains once)."""
-    path = tmp_path_factory.getbasetemp() / "dit-scaling-cache"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("DIT_SCALING_CACHE", str(path))
-    yield path
-    mp.undo()
-
-
 @pytest.fixture(scope="module")
-def domain(cache):
+def domain():
     return build_extractor("domain", DataConfig(image_size=SIZE), progress=False)
 
 
@@ -52,7 +42,7 @@ def test_uint8_conversion():
     assert back.shape == (1, 1, 8, 8) and (back - torch.linspace(-1, 1, 64).view(1, 1, 8, 8)).abs().max() <= 1 / 127.5
 
 
-def test_inception_offline_matches_torchscript_pool3(cache):
+def test_inception_offline_matches_torchscript_pool3():
     space = build_extractor("inception_offline")
     assert space.is_layer is None and space.fd_layer == "2048"
     fe = create_feature_extractor(space.extractor, ["2048"], cuda=False,
@@ -69,7 +59,7 @@ def test_inception_offline_matches_torchscript_pool3(cache):
     assert ours.abs().mean() > 0.05  # real activations, not zeros
 
 
-def test_inception_offline_has_no_classifier_head(cache):
+def test_inception_offline_has_no_classifier_head():
     with pytest.raises(ValueError, match="not on the list"):
         InceptionOfflineExtractor(InceptionOfflineExtractor.NAME, ["logits_unbiased"])
     with pytest.raises(ValueError, match="no Inception Score"):
@@ -94,7 +84,7 @@ def test_missing_inception_weights_say_how_to_provide_them(tmp_path, monkeypatch
     assert "eval.backend=inception_offline" in msg
 
 
-def test_inception_backend_loads_a_local_weights_file(tmp_path, cache):
+def test_inception_backend_loads_a_local_weights_file(tmp_path):
     # A state dict in torch-fidelity's layout (the offline weights plus a head) stands in for the real file.
     own = InceptionOfflineExtractor(InceptionOfflineExtractor.NAME, ["2048"],
                                     feature_extractor_weights_path=offline_inception_weights()).state_dict()
@@ -109,9 +99,9 @@ def test_inception_backend_loads_a_local_weights_file(tmp_path, cache):
     assert fe.fc.weight.shape == (1008, 2048)
 
 
-def test_domain_classifier_trains_once_and_reports_accuracy(domain, cache):
+def test_domain_classifier_trains_once_and_reports_accuracy(domain, cache_dir):
     assert domain.backend == "domain" and domain.is_layer == "logits" and domain.fd_layer == "features"
-    meta = json.loads((cache / "features" / domain.info["weights_file"]).with_suffix(".json").read_text())
+    meta = json.loads((cache_dir / "features" / domain.info["weights_file"]).with_suffix(".json").read_text())
     assert meta["held_out_accuracy"] == domain.info["held_out_accuracy"] > 0.85
     assert meta["num_held_out"] == 1000 and meta["image_size"] == SIZE
     mtime = os.stat(domain.weights_path).st_mtime_ns
