@@ -160,8 +160,9 @@ def save(out: FigureOutput, out_dir) -> FigureOutput:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     out.paths = [out_dir / f"{out.name}.{ext}" for ext in ("png", "pdf", "csv")]
-    out.fig.savefig(out.paths[0], dpi=150)
-    out.fig.savefig(out.paths[1])
+    # "tight": the model legends sit outside the axes, right of the plot
+    out.fig.savefig(out.paths[0], dpi=150, bbox_inches="tight")
+    out.fig.savefig(out.paths[1], bbox_inches="tight")
     out.data.to_csv(out.paths[2], index=False)
     return out
 
