@@ -98,6 +98,9 @@ def run_id(cfg: RunConfig) -> str:
     keep = {k: d[k] for k in ("model", "patch", "block", "seed", "data", "diffusion", "train")}
     for group, keys in _NOT_TRAINING.items():
         keep[group] = {k: v for k, v in keep[group].items() if k not in keys}
+    from scaling.models import MODELS
+
+    keep["shape"] = MODELS.get(cfg.model.name)  # a preset whose depth/width/heads change names a new run
     digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.model.name}-p{cfg.patch}-{cfg.block}-{cfg.data.name}{cfg.data.image_size}-s{cfg.seed}-{digest}"
 

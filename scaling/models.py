@@ -393,13 +393,16 @@ MODELS: dict[str, dict[str, int]] = {
     "dit_l": dict(depth=24, hidden_size=1024, num_heads=16),
     "dit_xl": dict(depth=28, hidden_size=1152, num_heads=16),
     # Laptop family: the same four shapes scaled down so that the whole study trains on a CPU in minutes.
-    # depth = paper depth / 4 (rounded), hidden = paper hidden / 16, heads = paper heads / 2; the order of the
-    # four in depth, width and compute is kept. Sized so that laptop-XL/2 on 16x16 inputs (0.03 Gflops/img)
-    # trains a few thousand steps on 2 CPU cores in minutes. Results are labelled "laptop", never "paper".
-    "laptop_s": dict(depth=3, hidden_size=24, num_heads=3),
-    "laptop_b": dict(depth=3, hidden_size=48, num_heads=6),
-    "laptop_l": dict(depth=6, hidden_size=64, num_heads=8),
-    "laptop_xl": dict(depth=7, hidden_size=72, num_heads=8),
+    # depth = paper depth / 4 (rounded), hidden = paper hidden / 6 (rounded to a multiple of 16), head dim 16;
+    # the order of the four in depth, width and compute is kept. The width is set by patch 8: on 1-channel
+    # 16x16 images a patch-8 token carries 64 values, and a model narrower than that cannot represent its own
+    # input, so its noise prediction is rank-limited (at hidden/16 laptop-S/8, 24 wide, never left noise:
+    # FD-500 8745). Hidden/(p^2 C) at patch 8 is then 1-3, the paper's S-XL/8 on 4-channel latents 1.5-4.5.
+    # Results are labelled "laptop", never "paper".
+    "laptop_s": dict(depth=3, hidden_size=64, num_heads=4),
+    "laptop_b": dict(depth=3, hidden_size=128, num_heads=8),
+    "laptop_l": dict(depth=6, hidden_size=176, num_heads=11),
+    "laptop_xl": dict(depth=7, hidden_size=192, num_heads=12),
 }
 
 
