@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
@@ -347,12 +347,14 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
                 flag = torch.tensor([stop["signal"] or 0], device=device)
                 torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
                 stop["signal"] = int(flag.item()) or None
+            t_pause = time.perf_counter()
             if step % tc.ckpt_every == 0 or step == tc.steps or stop["signal"] is not None:
                 checkpoint_and_eval(step, img_seen)
                 if rank == 0 and tc.grid_every == 0:
                     save_sample_grid(run, step, ema, cfg.diffusion, plan, device)
             elif rank == 0 and tc.grid_every and step % tc.grid_every == 0:
                 save_sample_grid(run, step, ema, cfg.diffusion, plan, device)
+            t_log += time.perf_counter() - t_pause  # img/s and the ETA count training steps, not evals
             if stop["signal"] is not None:
                 log(f"[train] {run.run_id}: signal {stop['signal']} -> saved step {step}, exiting for requeue")
                 if rank == 0:

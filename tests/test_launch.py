@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from scaling import launch
+from scaling import launch, slurm
 from scaling.config import config_from_overrides, run_dir_for, run_id
 from scaling.evaluate import setting_key
-from scaling.launch import (EvalJobs, LaunchArgs, LocalLauncherConfig, Point, local_slots, main, parse_args,
-                            point_state, run_local, run_point, summarize, waves)
+from scaling.launch import (LaunchArgs, LocalLauncherConfig, Point, local_slots, main, parse_args, point_state,
+                            run_local, run_point, summarize, waves)
 from scaling.rundir import RunDir, RunLocked, append_jsonl, read_jsonl, read_status, write_json, write_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -368,7 +368,7 @@ class FakeExecutor:
 
 @pytest.fixture
 def slurm_says_running(monkeypatch):
-    monkeypatch.setattr(launch, "slurm_state", lambda job_id: "RUNNING")
+    monkeypatch.setattr(slurm, "slurm_state", lambda job_id: "RUNNING")
 
 
 def test_eval_jobs_one_at_a_time_per_run_until_every_checkpoint_has_its_eval(tmp_path, slurm_says_running):
@@ -377,7 +377,7 @@ def test_eval_jobs_one_at_a_time_per_run_until_every_checkpoint_has_its_eval(tmp
     for p in pts:
         add_checkpoints(run_dir_for(p.cfg), [3])
     ex = FakeExecutor()
-    jobs = EvalJobs(ex, pts)
+    jobs = slurm.EvalJobs(ex, pts)
     jobs.poll()
     assert len(ex.jobs) == 2
     jobs.poll()
@@ -397,7 +397,7 @@ def test_eval_job_failure_is_reported(tmp_path, slurm_says_running):
     cfg = config_from_overrides([*TINY, f"output_root={tmp_path}", "eval.inline=false"])
     add_checkpoints(run_dir_for(cfg), [3])
     ex = FakeExecutor(error="CUDA out of memory")
-    jobs = EvalJobs(ex, [Point([], cfg, "r")])
+    jobs = slurm.EvalJobs(ex, [Point([], cfg, "r")])
     jobs.poll()
     ex.jobs[0].finished = True
     assert jobs.drain() == {"r": "eval job 0 failed: CUDA out of memory"}
@@ -431,7 +431,7 @@ def test_slurm_launcher_defaults_reach_sbatch(tmp_path):
     params = OmegaConf.to_container(master.hydra.launcher, resolve=True)
     assert params["_target_"].endswith("SlurmLauncher") and params["max_num_timeout"] == 20
     assert params["submitit_folder"] == f"{tmp_path}/slurm/.submitit/%j"
-    script = launch.slurm_executor(params)._executor._make_submission_file_text("true", "uid")
+    script = slurm.slurm_executor(params)._executor._make_submission_file_text("true", "uid")
     for flag in ("--signal=USR2@120", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=8", "--mem=64GB",
                  "--time=1440", "--job-name=dit-scaling"):
         assert f"#SBATCH {flag}\n" in script, flag
@@ -512,5 +512,30 @@ def test_eval_submission_refused_is_reported_without_looping(tmp_path, slurm_say
         raise RuntimeError("sbatch: error: Batch job submission failed: Invalid account")
 
     ex.submit = refuse
-    assert EvalJobs(ex, [Point([], cfg, "r"), Point([], done, "d")]).drain() == \
+    assert slurm.EvalJobs(ex, [Point([], cfg, "r"), Point([], done, "d")]).drain() == \
         {"r": "eval submission failed: sbatch: error: Batch job submission failed: Invalid account"}
+
+
+def test_the_local_pool_starts_the_largest_jobs_first_counting_steps_already_done(tmp_path):
+    def point(model, patch, steps=1000):
+        cfg = config_from_overrides([f"model={model}", f"patch={patch}", f"train.steps={steps}",
+                                     f"output_root={tmp_path}"])
+        return Point([], cfg, run_id(cfg))
+
+    s8, b4, xl2 = point("laptop_s", 8), point("laptop_b", 4), point("laptop_xl", 2)
+    assert [p.run_id for p in launch.largest_first([s8, xl2, b4])] == [xl2.run_id, b4.run_id, s8.run_id]
+    write_status(run_dir_for(xl2.cfg), "preempted", 999)  # 1 step of laptop-XL/2 left: less than all of S/8
+    assert [p.run_id for p in launch.largest_first([s8, xl2, b4])] == [b4.run_id, s8.run_id, xl2.run_id]
+
+
+def test_the_progress_line_names_each_running_job_with_its_step_rate_and_eta(tmp_path):
+    cfg = config_from_overrides(["model=laptop_b", "patch=4", "train.steps=600", "train.batch_img=32",
+                                 f"output_root={tmp_path}"])
+    idle = config_from_overrides(["model=laptop_s", "patch=8", f"output_root={tmp_path}"])
+    run = run_dir_for(cfg)
+    run.path.mkdir(parents=True)
+    append_jsonl(run.metrics, {"step": 100, "img_per_s": 64.0})
+    append_jsonl(run.metrics, {"step": 200, "img_per_s": 32.0})  # 400 steps x 32 img / 32 img/s = 400 s left
+    line = launch.progress_line([Point([], cfg, run_id(cfg)), Point([], idle, run_id(idle))], 3, 12, 125.0)
+    assert line.startswith("[launch] 3/12 jobs finished after 2m05s; running: ")
+    assert "laptop_b/4 step 200/600 (32 img/s, ETA 6m40s)" in line and "laptop_s/8 starting" in line
