@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from scaling.rundir import RunDir, append_jsonl, write_json, write_status
 from scaling.status import age, eval_label, format_table, last_jsonl_row, lease_is_live, main, run_dirs, run_row
