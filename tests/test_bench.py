@@ -14,20 +14,11 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts beside the p
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench  # noqa: E402
+from helpers import randomize_  # noqa: E402
 from scaling.diffusion import Diffusion, DiffusionConfig, sample  # noqa: E402
 from scaling.flops import closed_form_gflops  # noqa: E402
 
 CPU = torch.device("cpu")
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Noise in every trainable parameter: adaLN-Zero's zero init would make every variant output zeros."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def inputs(n: int, size: int, seed: int = 0):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from helpers import run_launch
 from scaling.flops import closed_form_gflops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +22,8 @@ REDUCED = ["data.max_images=256", "train.batch_img=8", "train.steps=4", "train.c
 
 
 def launch(root: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scaling.launch", "--config-dir", "sweeps", "--config-name",
-                           "laptop", "-m", "analyze=true", *REDUCED, f"output_root={root}", *extra],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    return run_launch("--config-dir", "sweeps", "--config-name", "laptop", "-m", "analyze=true", *REDUCED,
+                      f"output_root={root}", *extra, timeout=900)
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import run_launch
 from scaling import launch, slurm
 from scaling.config import config_from_overrides, run_dir_for, run_id
 from scaling.evaluate import setting_key
@@ -29,9 +30,7 @@ TINY = ["model=laptop_s", "data.image_size=16", "data.max_images=256", "train.ba
         "eval.batch_size=16", "wandb=disabled"]
 
 
-def cli(*args, timeout=600, env=None):
-    return subprocess.run([sys.executable, "-m", "scaling.launch", *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+cli = run_launch
 
 
 @pytest.fixture(autouse=True)

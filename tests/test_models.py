@@ -6,21 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import randomize_
 from scaling.models import (BLOCKS, MODELS, Attention, CrossAttention, DiT, LabelEmbedder, ModelConfig, PatchEmbed,
                             TimestepEmbedder, build_model, sincos_pos_embed_2d)
 
 PAPER = ("dit_s", "dit_b", "dit_l", "dit_xl")
 LAPTOP = ("laptop_s", "laptop_b", "laptop_l", "laptop_xl")
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Overwrite every trainable parameter with noise, so zero-initialised paths carry signal."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def inputs(n: int, channels: int, size: int, num_classes: int = 1000, seed: int = 0):

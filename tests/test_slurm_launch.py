@@ -47,11 +47,30 @@ from scaling.checkpoint import checkpoint_path, list_steps, load_checkpoint  # n
 from scaling.config import config_from_overrides, run_dir_for  # noqa: E402
 from scaling.rundir import RunDir, read_jsonl, read_status  # noqa: E402
 from scaling.train import train  # noqa: E402
+from helpers import run_launch  # noqa: E402
 
 
-def launch(*argv, timeout=360, **kw):
-    return subprocess.run([sys.executable, "-m", "scaling.launch", *argv], capture_output=True, text=True, cwd=ROOT,
-                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+def launch(*argv, timeout=360):
+    return run_launch(*argv, timeout=timeout, env={"OMP_NUM_THREADS": "1"})
+
+
+def launch_until_training(overrides: list[str], output_root: Path, log: Path,
+                          min_steps: int = 30) -> tuple[subprocess.Popen, str]:
+    """The grid launched on SLURM in the background (its output in `log`), once its job has logged `min_steps`
+    training steps: (the launch process, the job id)."""
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "scaling.launch", "-m", *overrides, *SLURM], cwd=ROOT,
+                                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    job_id, rows = None, 0
+    while time.time() - t0 < 180 and (job_id is None or rows < min_steps):
+        time.sleep(0.2)
+        job_id = job_id or next(iter(re.findall(r"^\[launch\] job (\S+): ", log.read_text(), re.M)), None)
+        rows = sum(len(read_jsonl(p)) for p in output_root.glob("runs/*/metrics.jsonl"))
+    if job_id is None or rows < min_steps:
+        proc.kill()
+        raise AssertionError(f"no job with {min_steps} steps logged within 180 s:\n{log.read_text()}")
+    return proc, job_id
 
 
 def job_dirs(output_root: Path) -> set[str]:
@@ -93,17 +112,8 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(tmp_p
                  "eval.inline=false", "eval.every_ckpt=1000"]
     out_root, log = tmp_path / "slurm_run", tmp_path / "launch.log"
     t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "scaling.launch", "-m", *overrides, f"output_root={out_root}",
-                                 *SLURM], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc, job_id = launch_until_training([*overrides, f"output_root={out_root}"], out_root, log)
     try:
-        job_id, rows = None, 0
-        while time.time() - t0 < 180 and (job_id is None or rows < 30):
-            time.sleep(0.2)
-            job_id = job_id or next(iter(re.findall(r"^\[launch\] job (\S+): ", log.read_text(), re.M)), None)
-            rows = sum(len(read_jsonl(p)) for p in out_root.glob("runs/*/metrics.jsonl"))
-        assert job_id is not None and rows >= 30, log.read_text()
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)  # preemption / time limit
         assert proc.wait(timeout=300) == 0, log.read_text()
     finally:
@@ -135,16 +145,8 @@ def test_job_requeued_by_the_cluster_is_followed_to_the_end(tmp_path):
                  "eval.inline=false", "eval.every_ckpt=1000", f"output_root={tmp_path}"]
     log = tmp_path / "launch.log"
     t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "scaling.launch", "-m", *overrides, *SLURM], cwd=ROOT,
-                                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc, job_id = launch_until_training(overrides, tmp_path, log)
     try:
-        job_id, rows = None, 0
-        while time.time() - t0 < 180 and (job_id is None or rows < 30):
-            time.sleep(0.2)
-            job_id = job_id or next(iter(re.findall(r"^\[launch\] job (\S+): ", log.read_text(), re.M)), None)
-            rows = sum(len(read_jsonl(p)) for p in tmp_path.glob("runs/*/metrics.jsonl"))
-        assert job_id is not None and rows >= 30, log.read_text()
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         assert proc.wait(timeout=300) == 0, log.read_text()
     finally:
