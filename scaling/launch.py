@@ -475,22 +475,22 @@ def progress_line(running: list[Point], finished: int, total: int, elapsed_s: fl
     """One line for a pool whose jobs log to files: jobs finished, and each running job's step, rate and ETA
     (from the last row of its metrics.jsonl)."""
     from scaling.config import run_dir_for
-    from scaling.rundir import read_jsonl
-    from scaling.train import _fmt_s
+    from scaling.status import last_jsonl_row
+    from scaling.train import format_duration
 
     parts = []
     for p in running:
-        rows = read_jsonl(run_dir_for(p.cfg).metrics)
-        name = f"{p.cfg.model.name}/{p.cfg.patch}"
-        if not rows:
+        name, steps = f"{p.cfg.model.name}/{p.cfg.patch}", p.cfg.train.steps
+        last = last_jsonl_row(run_dir_for(p.cfg).metrics)
+        if last is None:
             parts.append(f"{name} starting")
             continue
-        last, steps = rows[-1], p.cfg.train.steps
         rate = last.get("img_per_s") or 0.0
-        eta = f", ETA {_fmt_s((steps - last['step']) * p.cfg.train.batch_img / rate)}" if rate > 0 else ""
-        parts.append(f"{name} step {last['step']}/{steps} ({rate:.0f} img/s{eta})")
-    return (f"[launch] {finished}/{total} jobs finished after {_fmt_s(elapsed_s)}; running: " + "; ".join(parts)
-            + " (ETAs count training steps, not evals)")
+        left_s = (steps - last["step"]) * p.cfg.train.batch_img / rate if rate > 0 else None
+        parts.append(f"{name} step {last['step']}/{steps} ({rate:.0f} img/s"
+                     + (f", ETA {format_duration(left_s)})" if left_s is not None else ")"))
+    return (f"[launch] {finished}/{total} jobs finished after {format_duration(elapsed_s)}; running: "
+            + "; ".join(parts) + " (ETAs count training steps, not evals)")
 
 
 def run_local_grid(args: LaunchArgs, todo: list[Point], slots: list[dict]) -> dict[str, str]:

@@ -340,7 +340,7 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_per_s:.0f}")
                     if bar.disable:  # no terminal (SLURM log, CI): a plain line with the rate and ETA
                         log(f"[train] step {step}/{tc.steps} | loss {row['loss']:.4f} | {img_per_s:.1f} img/s | "
-                            f"ETA {_fmt_s(eta_s)}", flush=True)
+                            f"ETA {format_duration(eta_s)}", flush=True)
                 t_log, steps_since_log, loss_sum = time.perf_counter(), 0, 0.0
 
             if world > 1:  # a signal reaches the ranks at different steps: all stop at the same one
@@ -397,7 +397,8 @@ def _scheduled_evals(cfg, run, ema, plan, device, step, tracker) -> None:
         tracker.summary({k: v for k, v in row.get("metrics", {}).items()})
 
 
-def _fmt_s(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """5m07s, or 2h03m from an hour on (progress lines and ETAs)."""
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
