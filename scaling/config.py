@@ -7,6 +7,7 @@ receives plain dataclasses, never Hydra objects.
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,8 +171,13 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"train.{key}={getattr(tc, key)} must be > 0")
     if not 0.0 <= tc.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={tc.ema_decay} must be in [0, 1)")
-    if tc.lr <= 0:
-        raise ValueError(f"train.lr={tc.lr} must be > 0")
+    if not (math.isfinite(tc.lr) and tc.lr > 0):
+        raise ValueError(f"train.lr={tc.lr} must be a finite number > 0")
+    for key in ("weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(tc, key)) and getattr(tc, key) >= 0):
+            raise ValueError(f"train.{key}={getattr(tc, key)} must be a finite number >= 0")
+    if tc.num_workers < 0:
+        raise ValueError(f"train.num_workers={tc.num_workers} must be >= 0 (0 = load in the training process)")
     from scaling.evaluate import validate_eval
 
     validate_eval(cfg.eval)

@@ -46,7 +46,7 @@ class EvalConfig:
     seed: int = 0                        # sampling seed: labels and noise of every batch derive from it
     batch_size: int = 256                # images per sampling batch (per rank)
     inline: bool = True                  # evaluate right after each checkpoint in local runs
-    every_ckpt: int = 1                  # evaluate the k-th, 2k-th, ... checkpoint in step order
+    every_ckpt: int = 1                  # evaluate the checkpoints at multiples of k x train.ckpt_every, and the last
     inception_weights: Optional[str] = None  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
     precision_recall: bool = True
     kid: bool = False
@@ -355,13 +355,18 @@ def as_run(run_dir):
     return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
 
 
-def run_eval_config(run_dir) -> EvalConfig:
-    """The eval settings in a run's config.yaml."""
+def run_config(run_dir):
+    """The RunConfig in a run's config.yaml."""
     from omegaconf import OmegaConf
 
     from scaling.config import config_from_dict
 
-    return config_from_dict(OmegaConf.to_container(OmegaConf.load(as_run(run_dir).config))).eval
+    return config_from_dict(OmegaConf.to_container(OmegaConf.load(as_run(run_dir).config)))
+
+
+def run_eval_config(run_dir) -> EvalConfig:
+    """The eval settings in a run's config.yaml."""
+    return run_config(run_dir).eval
 
 
 def find_eval(run_dir, step: int, setting: str) -> Optional[dict]:
@@ -371,15 +376,23 @@ def find_eval(run_dir, step: int, setting: str) -> Optional[dict]:
                  and r.get("setting") == setting), None)
 
 
-def missing_evals(run_dir, eval_cfg: EvalConfig) -> list[int]:
-    """Checkpoint steps due for evaluation (every `every_ckpt`-th in step order) without a row for this setting."""
+def eval_steps(steps: list[int], ckpt_every: int, every_ckpt: int, final_step: int) -> list[int]:
+    """The checkpoint steps due for evaluation: every `every_ckpt`-th of the regular interval (steps that are
+    multiples of ckpt_every x every_ckpt) and the final step. By step, not by position, so a preemption
+    checkpoint between two regular ones neither shifts the schedule nor is evaluated itself."""
+    period = ckpt_every * every_ckpt
+    return [s for s in sorted(steps) if s % period == 0 or s == final_step]
+
+
+def missing_evals(run_dir, eval_cfg: EvalConfig, ckpt_every: int, final_step: int) -> list[int]:
+    """Checkpoint steps due for evaluation (eval_steps) without a row for this setting."""
     from scaling.checkpoint import list_steps
     from scaling.rundir import read_jsonl
 
     key = setting_key(eval_cfg)
     done = {r.get("step") for r in read_jsonl(as_run(run_dir).evals) if r.get("setting") == key}
-    k = eval_cfg.every_ckpt
-    return [s for i, s in enumerate(list_steps(run_dir)) if i % k == k - 1 and s not in done]
+    due = eval_steps(list_steps(run_dir), ckpt_every, eval_cfg.every_ckpt, final_step)
+    return [s for s in due if s not in done]
 
 
 def evaluate_checkpoint(run_dir, step: int, eval_cfg: Optional[EvalConfig] = None, device=None, *,
@@ -508,10 +521,12 @@ def main(argv=None) -> int:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    eval_cfg = replace(run_eval_config(args.run_dir), **flags)
+    run_cfg = run_config(args.run_dir)
+    eval_cfg = replace(run_cfg.eval, **flags)
     validate_eval(eval_cfg)
     device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    steps = [args.step] if args.step is not None else missing_evals(args.run_dir, eval_cfg)
+    steps = [args.step] if args.step is not None else missing_evals(args.run_dir, eval_cfg, run_cfg.train.ckpt_every,
+                                                                     run_cfg.train.steps)
     if not steps:
         print(f"[evaluate] nothing to do: every checkpoint has an eval for {setting_key(eval_cfg)}")
     for step in steps:

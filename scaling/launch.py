@@ -264,22 +264,23 @@ def _parse_failure(overrides) -> str:
 
 
 def point_state(cfg) -> str:
-    """new | partial | evals (trained, evals missing) | done | running (a live lease) | failed | preempted."""
+    """new | partial | evals (trained, evals missing) | done | running (a live lease) | failed | preempted.
+
+    A run whose status.json is unreadable is "partial": its launch resumes it from its checkpoints."""
     from scaling.config import run_dir_for
-    from scaling.rundir import read_json, read_status
-    from scaling.status import lease_is_live
+    from scaling.rundir import lease_is_live, read_status
 
     run = run_dir_for(cfg)
     if not run.status.is_file():
         return "new"
     status = read_status(run)
-    if status["state"] == "running" and lease_is_live(read_json(run.lock, default=None)):
+    if status["state"] == "running" and lease_is_live(run):
         return "running"
-    if status["state"] != "done" or status.get("step", 0) < cfg.train.steps:
+    if status["state"] != "done" or status["step"] < cfg.train.steps:
         return status["state"] if status["state"] in ("failed", "preempted") else "partial"
     from scaling.evaluate import missing_evals
 
-    return "evals" if missing_evals(run.path, cfg.eval) else "done"
+    return "evals" if missing_evals(run.path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps) else "done"
 
 
 # ----------------------------------------------------------------------------- the dry run
@@ -329,7 +330,7 @@ def run_point(cfg, evals_here: bool = True) -> dict:
     (the SLURM launch submits them as their own jobs).
     """
     from scaling.config import run_dir_for
-    from scaling.rundir import RunLocked, read_status
+    from scaling.rundir import LeaseLost, RunLocked, read_status
     from scaling.train import train
 
     run = run_dir_for(cfg)
@@ -337,40 +338,46 @@ def run_point(cfg, evals_here: bool = True) -> dict:
     try:
         status = train(cfg)
         if evals_here and status["state"] == "done" and not cfg.eval.inline and rank == 0:
-            evaluate_missing(str(run.path), cfg.eval)
+            evaluate_missing(cfg)
             status = read_status(run)
     except RunLocked as e:
         print(f"[launch] {run.run_id}: {e}", flush=True)
         return {"state": "locked", "error": str(e), "run_id": run.run_id}
     except Exception as e:
-        if rank == 0:
+        if rank == 0 and not isinstance(e, LeaseLost):
             mark_failed(run, e)
         raise
     return {**status, "run_id": run.run_id}
 
 
 def mark_failed(run, error: BaseException) -> None:
-    """status.json = failed with the error, unless another live process holds the run's lease."""
-    from scaling.rundir import read_json, read_status, write_status
-    from scaling.status import lease_is_live
+    """status.json = failed with the error, unless the job already said so (with its real step) or another live
+    process holds the run's lease."""
+    from scaling.rundir import lease_is_live, read_lease, read_status, write_status
 
-    lock = read_json(run.lock, default=None)
-    if lock and lease_is_live(lock) and lock.get("pid") != os.getpid():
+    status = read_status(run)
+    if status["state"] == "failed":
         return
-    write_status(run, "failed", read_status(run).get("step", 0), error=f"{type(error).__name__}: {error}")
+    holder, _ = read_lease(run)
+    if holder and lease_is_live(run) and holder.get("pid") != os.getpid():
+        return
+    write_status(run, "failed", status["step"], error=f"{type(error).__name__}: {error}")
 
 
-def evaluate_missing(run_path: str, eval_cfg) -> int:
-    """Evaluate every checkpoint of the run that lacks this eval setting; the number evaluated."""
+def evaluate_missing(cfg) -> int:
+    """Evaluate every checkpoint of the run that is due for evaluation and lacks this eval setting; the number
+    evaluated."""
     import torch
 
+    from scaling.config import run_dir_for
     from scaling.evaluate import evaluate_checkpoint, missing_evals
 
+    run_path = run_dir_for(cfg).path
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    steps = missing_evals(run_path, eval_cfg)
+    steps = missing_evals(run_path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps)
     for step in steps:
-        print(f"[launch] evaluating {Path(run_path).name} step {step} ({eval_cfg.num_samples} samples)", flush=True)
-        evaluate_checkpoint(run_path, step, eval_cfg, device)
+        print(f"[launch] evaluating {run_path.name} step {step} ({cfg.eval.num_samples} samples)", flush=True)
+        evaluate_checkpoint(run_path, step, cfg.eval, device)
     return len(steps)
 
 
@@ -415,14 +422,16 @@ def job_command(args: LaunchArgs, overrides: list[str]) -> list[str]:
 
 
 def run_local(args: LaunchArgs, points: list[Point], slots: list[dict], log_dir: Path) -> dict[str, int]:
-    """Run the points' jobs, len(slots) at a time; {run_id: exit code}. Ctrl-C stops them cleanly: each job gets
-    SIGTERM, saves a checkpoint at its next step and is marked preempted."""
+    """Run the points' jobs, len(slots) at a time; {run_id: exit code}. Ctrl-C or SIGTERM to this process stops
+    them cleanly: each job gets SIGTERM, saves a checkpoint at its next step and is marked preempted, and this
+    process waits for them before it returns."""
     queue, running, codes = list(points), {}, {}
     free = list(range(len(slots)))
     t_start = t_progress = time.monotonic()
     quiet = len(slots) > 1  # several jobs at once: each writes to its log file, this process prints one line each
     if quiet:
         log_dir.mkdir(parents=True, exist_ok=True)
+    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM here: as Ctrl-C
     try:
         while queue or running:
             while queue and free:
@@ -446,12 +455,15 @@ def run_local(args: LaunchArgs, points: list[Point], slots: list[dict], log_dir:
                 print(progress_line([p for p, _, _ in running.values()], len(codes), len(points),
                                     t_progress - t_start), flush=True)
     except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the wait short
         print(f"[launch] interrupted: stopping {len(running)} jobs (each saves at its next step)", flush=True)
         for proc in running:
             proc.send_signal(signal.SIGTERM)
         for proc, (p, _, log) in running.items():
             codes[p.run_id] = proc.wait()
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
     return codes
 
 
@@ -465,7 +477,7 @@ def largest_first(points: list[Point]) -> list[Point]:
     def flops_to_go(p: Point) -> float:
         plan = make_plan(p.cfg, count="closed_form")
         run = run_dir_for(p.cfg)
-        done = read_status(run).get("step", 0) if run.status.is_file() else 0
+        done = read_status(run)["step"]
         return plan["train_flops"] * max(0, p.cfg.train.steps - done) / max(1, p.cfg.train.steps)
 
     return sorted(points, key=flops_to_go, reverse=True)  # stable: equal costs keep the grid's order
@@ -475,7 +487,7 @@ def progress_line(running: list[Point], finished: int, total: int, elapsed_s: fl
     """One line for a pool whose jobs log to files: jobs finished, and each running job's step, rate and ETA
     (from the last row of its metrics.jsonl)."""
     from scaling.config import run_dir_for
-    from scaling.status import last_jsonl_row
+    from scaling.rundir import last_jsonl_row
     from scaling.train import format_duration
 
     parts = []
@@ -528,6 +540,21 @@ def waves(points: list[Point]) -> list[list[Point]]:
 # ----------------------------------------------------------------------------- after the sweep
 
 
+def run_single(point: Point) -> int:
+    """One point in this process. The faults a job can meet and name (a full disk, a non-finite step, a lost
+    lease) end in one line; anything else keeps its traceback."""
+    from scaling.checkpoint import DiskFull
+    from scaling.rundir import LeaseLost
+
+    try:
+        status = run_point(point.cfg)
+    except (DiskFull, FloatingPointError, LeaseLost) as e:
+        print(f"error: {point.run_id}: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    print(f"[launch] {status['run_id']}: {status['state']}", flush=True)
+    return 0 if status["state"] == "done" else EXIT_FAILED if status["state"] == "failed" else EXIT_UNFINISHED
+
+
 def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
     """One line per grid point from its run directory (the source of truth), then the exit code."""
     from scaling.evaluate import setting_key
@@ -569,15 +596,22 @@ def analyze(output_root: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hydra.core.global_hydra import GlobalHydra
+    from scaling.signals import stop_signals
 
     try:
-        return run(sys.argv[1:] if argv is None else list(argv))
+        # Stop signals are recorded from now on, before any slow import (scaling/signals.py): a job started by
+        # the pool or SLURM that is stopped while starting still saves and says "preempted".
+        with stop_signals() as stop:
+            return run(sys.argv[1:] if argv is None else list(argv), stop)
     finally:
-        GlobalHydra.instance().clear()  # leave no Hydra state behind in a process that calls main()
+        if "hydra" in sys.modules:
+            from hydra.core.global_hydra import GlobalHydra
+
+            GlobalHydra.instance().clear()  # leave no Hydra state behind in a process that calls main()
 
 
-def run(argv: list[str]) -> int:
+def run(argv: list[str], stop=None) -> int:
+    """The launch; `stop` (scaling.signals.StopSignals) records signals while the config is composed."""
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
@@ -596,9 +630,12 @@ def run(argv: list[str]) -> int:
         print(format_plan(plan_rows(points)))
         return 0
     if not args.multirun and launcher == "local":  # one point, in this process (what each local job runs)
-        status = run_point(points[0].cfg)
-        print(f"[launch] {status['run_id']}: {status['state']}", flush=True)
-        return 0 if status["state"] == "done" else EXIT_FAILED if status["state"] == "failed" else EXIT_UNFINISHED
+        return run_single(points[0])
+    if stop is not None:  # a launch of many jobs: Ctrl-C and SIGTERM are this process's own again (run_local)
+        stop.restore()
+        if stop.signal is not None:
+            print(f"[launch] {stop.name} before any job started: nothing launched", flush=True)
+            return 130
 
     for p in points:
         if p.state in ("done", "running"):

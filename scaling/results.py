@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.rundir import RunDir, read_json, read_jsonl_counting
+from scaling.rundir import RunDir, load_json, read_jsonl_checked, read_status
 
 # The table's columns in order (docs/design.md); named metrics from evals.jsonl `metrics` follow them.
 COLUMNS = [
@@ -80,11 +80,15 @@ def _run_dirs(root: Path) -> tuple[list[RunDir], int]:
     return with_plan, len(dirs) - len(with_plan)
 
 
-def run_rows(run: RunDir) -> tuple[list[dict], int]:
-    """The table rows of one run directory and the number of malformed evals.jsonl lines skipped."""
-    plan = read_json(run.plan, default={}) or {}
-    status = read_json(run.status, default={}) or {}
-    evals, bad = read_jsonl_counting(run.evals)
+def run_rows(run: RunDir) -> tuple[list[dict], list[str]]:
+    """The table rows of one run directory, and what was skipped in it (each naming its file and line)."""
+    plan, plan_problem = load_json(run.plan)
+    if plan is not None and not isinstance(plan, dict):
+        plan, plan_problem = None, f"{run.plan}: not a JSON object"
+    plan = plan or {}
+    status = read_status(run)
+    evals, problems = read_jsonl_checked(run.evals)
+    problems = [p for p in (plan_problem, status.get("problem")) if p] + problems
     base = {
         "run_id": plan.get("run_id", run.run_id), "model": plan.get("model"),
         "family": plan.get("family") or ("paper" if str(plan.get("model", "")).startswith("dit_") else "laptop"),
@@ -95,12 +99,12 @@ def run_rows(run: RunDir) -> tuple[list[dict], int]:
         "steps": plan.get("steps"), "state": status.get("state", "pending"), "last_step": status.get("step"),
     }
     if not evals:
-        return [dict(base)], bad
+        return [dict(base)], problems
     # One row per (step, setting); a checkpoint evaluated twice with one setting keeps the latest line.
     latest = {}
     for e in evals:
         if "step" not in e:
-            bad += 1
+            problems.append(f"{run.evals}: a row without a step")
             continue
         key = (e["step"], e.get("setting") or json.dumps({k: e.get(k) for k in _EVAL_KEYS[4:9]}, sort_keys=True))
         latest[key] = e
@@ -119,7 +123,7 @@ def run_rows(run: RunDir) -> tuple[list[dict], int]:
             if name not in COLUMNS:
                 row[name] = value
         rows.append(row)
-    return rows, bad
+    return rows, problems
 
 
 def tidy(rows: list[dict]) -> pd.DataFrame:
@@ -145,13 +149,13 @@ def tidy(rows: list[dict]) -> pd.DataFrame:
 def collect(roots) -> pd.DataFrame:
     """Every run directory under one or more output roots -> one tidy DataFrame (columns: COLUMNS + metrics).
 
-    Missing files are tolerated (a run with only plan.json gives one row with empty metrics); malformed
-    evals.jsonl lines are skipped with one warning counting them; directories without plan.json are skipped
-    with a warning. A run id found under two roots is kept once (the first root wins).
+    Missing files are tolerated (a run with only plan.json gives one row with empty metrics); an unreadable file
+    or a malformed evals.jsonl line is skipped with a warning naming the run, the file and the line; directories
+    without plan.json are skipped with a warning. A run id found under two roots is kept once (the first wins).
     """
     if isinstance(roots, (str, Path)):
         roots = [roots]
-    rows, bad_lines, no_plan, seen = [], 0, 0, set()
+    rows, no_plan, seen = [], 0, set()
     for root in roots:
         root = Path(root)
         if not root.exists():
@@ -159,15 +163,14 @@ def collect(roots) -> pd.DataFrame:
         runs, skipped = _run_dirs(root)
         no_plan += skipped
         for run in runs:
-            run_rows_, bad = run_rows(run)
-            bad_lines += bad
+            run_rows_, problems = run_rows(run)
+            for problem in problems:
+                warnings.warn(f"{run.run_id}: skipped {problem}")
             if run_rows_[0]["run_id"] in seen:
                 warnings.warn(f"run {run_rows_[0]['run_id']} found again under {root}; keeping the first copy")
                 continue
             seen.add(run_rows_[0]["run_id"])
             rows.extend(run_rows_)
-    if bad_lines:
-        warnings.warn(f"skipped {bad_lines} malformed evals.jsonl line(s)")
     if no_plan:
         warnings.warn(f"skipped {no_plan} run director(y/ies) without plan.json")
     return tidy(rows)
@@ -231,7 +234,14 @@ def main(argv=None) -> int:
     ap.add_argument("roots", nargs="+", help="output roots (each holding runs/<run_id>/)")
     ap.add_argument("-o", "--out", default="results.csv", help="CSV to write (default results.csv)")
     args = ap.parse_args(argv)
-    df = collect(args.roots)
+    try:
+        df = collect(args.roots)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if df.empty:
+        print(f"error: no run directories (runs/<run_id>/plan.json) under {', '.join(args.roots)}", file=sys.stderr)
+        return 2
     written = write_table(df, args.out)
     evaluated = df["fid"].notna().sum()
     print(f"{df['run_id'].nunique()} runs, {evaluated} evaluated rows -> {', '.join(map(str, written))}")

@@ -58,12 +58,12 @@ class EvalJobs:
                 key, path = setting_key(p.cfg.eval), run_dir_for(p.cfg).path
                 if p.run_id in self.in_flight or p.run_id in self.failed:
                     continue
-                missing = missing_evals(path, p.cfg.eval)
+                missing = missing_evals(path, p.cfg.eval, p.cfg.train.ckpt_every, p.cfg.train.steps)
                 if stuck := sorted(set(missing) & self.submitted.get((p.run_id, key), set())):
                     self.failed[p.run_id] = f"eval job ended but steps {stuck} still lack {key}"
                     print(f"[launch] {p.run_id}: {self.failed[p.run_id]}", flush=True)
                 elif missing:
-                    job = self.executor.submit(evaluate_missing, str(path), p.cfg.eval)
+                    job = self.executor.submit(evaluate_missing, p.cfg)
                     self.in_flight[p.run_id] = (key, missing, job)
                     self.submitted[(p.run_id, key)] = set(missing)
                     print(f"[launch] eval job {job.job_id}: {p.run_id} steps {missing} ({key})", flush=True)
@@ -85,7 +85,8 @@ class EvalJobs:
                 from scaling.evaluate import missing_evals
 
                 for p in self.points:
-                    if p.run_id not in self.in_flight and missing_evals(run_dir_for(p.cfg).path, p.cfg.eval):
+                    if p.run_id not in self.in_flight and missing_evals(run_dir_for(p.cfg).path, p.cfg.eval,
+                                                                        p.cfg.train.ckpt_every, p.cfg.train.steps):
                         self.failed.setdefault(p.run_id, f"eval submission failed: {_first_line(str(e))}")
             if not self.in_flight:
                 return self.failed

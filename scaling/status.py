@@ -6,24 +6,19 @@
 One row per run: state, step / total, latest training loss, latest eval (the metric names its feature space),
 img/s, last update and the SLURM job holding the run. Works while jobs run and after they end. A run whose
 status.json says "running" but whose lease (lock.json) has no live holder shows as "stale": the job died
-without a word (killed, node lost); relaunching the grid resumes it from its newest checkpoint.
+without a word (killed, node lost); relaunching the grid resumes it from its newest checkpoint. A file that
+does not parse (status, plan, lease, eval rows) is named under the table with its run, never a crash.
 """
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from scaling.rundir import RunDir, lock_is_stale, read_json, read_status
+from scaling.rundir import (LEASE_STALE_S, RunDir, last_jsonl_row, lease_is_stale, load_json, read_jsonl_checked,
+                            read_lease, read_status)
 
-STALE_S = 600.0  # a lease whose heartbeat is older than this is dead (the lease's own default, rundir.py)
-
-
-def lease_is_live(lock: dict | None, stale_s: float = STALE_S) -> bool:
-    """Whether a lock.json content belongs to a holder that is still alive (rundir's definition)."""
-    return bool(lock) and not lock_is_stale(lock, stale_s)
+STALE_S = LEASE_STALE_S  # a lease on another host whose heartbeat is older than this is dead
 
 
 def run_dirs(output_root) -> list[RunDir]:
@@ -35,46 +30,36 @@ def run_dirs(output_root) -> list[RunDir]:
             if p.is_dir() and ((p / "status.json").is_file() or (p / "plan.json").is_file())]
 
 
-def last_jsonl_row(path, max_bytes: int = 65536) -> dict | None:
-    """The last complete row of a JSONL file, reading only its tail (metrics.jsonl grows long)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            lines = f.read().decode("utf-8", errors="replace").splitlines()
-    except FileNotFoundError:
-        return None
-    for line in reversed(lines):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line, or the cut first line of the tail
-        if isinstance(row, dict):
-            return row
-    return None
-
-
 def run_row(run: RunDir, stale_s: float = STALE_S) -> dict:
-    status, plan = read_status(run), read_json(run.plan, default={}) or {}
-    lock = read_json(run.lock, default=None)
-    state = status.get("state", "pending")
-    if state == "running" and not lease_is_live(lock, stale_s):
+    status = read_status(run)
+    plan, plan_problem = load_json(run.plan)
+    plan = plan if isinstance(plan, dict) else {}
+    lock, lock_problem = read_lease(run)
+    live = lock is not None and not lease_is_stale(lock, stale_s)
+    state = status["state"]
+    if state == "running" and not live:
         state = "stale"
-    metrics, ev = last_jsonl_row(run.metrics), last_jsonl_row(run.evals)
-    times = [t for t in (status.get("updated_at"), (lock or {}).get("heartbeat"), (metrics or {}).get("time")) if t]
-    return {"run_id": run.run_id, "state": state, "step": status.get("step", 0), "steps": plan.get("steps"),
-            "loss": (metrics or {}).get("loss"), "img_per_s": (metrics or {}).get("img_per_s"),
-            "eval": eval_label(ev), "updated_at": max(times) if times else None,
-            "job": (lock or {}).get("slurm_job_id") if lease_is_live(lock, stale_s) else None,
-            "error": status.get("error")}
+    evals, eval_problems = read_jsonl_checked(run.evals)
+    metrics = last_jsonl_row(run.metrics)
+    heartbeat = (lock or {}).get("heartbeat")
+    times = [t for t in (status["updated_at"], heartbeat, (metrics or {}).get("time"))
+             if isinstance(t, (int, float))]
+    problems = [p for p in (status.get("problem"), plan_problem, lock_problem) if p] + eval_problems
+    return {"run_id": run.run_id, "state": state, "step": status["step"], "steps": plan.get("steps"),
+            "loss": _number((metrics or {}).get("loss")), "img_per_s": _number((metrics or {}).get("img_per_s")),
+            "eval": eval_label(evals[-1] if evals else None), "updated_at": max(times) if times else None,
+            "job": lock.get("slurm_job_id") if live else None, "error": status.get("error"), "problems": problems}
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def eval_label(row: dict | None) -> str:
     """'FD-1K(domain) 41.20 @3000': the value, the feature space and sample count, and the step evaluated."""
-    if not row or row.get("fid") is None:
+    if not row or _number(row.get("fid")) is None:
         return ""
-    n = int(row.get("num_samples") or 0)
+    n = int(_number(row.get("num_samples")) or 0)
     samples = f"{n / 1000:g}K" if n >= 1000 else str(n)
     name = "FID" if str(row.get("feature_extractor", "")).startswith("inception") else "FD"
     return f"{name}-{samples}({row.get('feature_extractor')}) {row['fid']:.2f} @{row.get('step')}"
@@ -97,6 +82,7 @@ def format_table(rows: list[dict], now: float | None = None) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip() for cells in (head, *body)]
     lines += [f"  {r['run_id']}: {r['error']}" for r in rows if r["state"] == "failed" and r["error"]]
+    lines += [f"  {r['run_id']}: skipped {p}" for r in rows for p in r.get("problems", [])]
     counts = {}
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1

@@ -12,7 +12,6 @@ import copy
 import functools
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -22,9 +21,10 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from scaling.checkpoint import load_latest, save_checkpoint
-from scaling.rundir import (RunDir, append_jsonl, heartbeat, read_status, run_lock, truncate_jsonl, write_json,
-                            write_status, atomic_write_text)
+from scaling.checkpoint import checkpoint_path, list_steps, load_latest, non_finite, save_checkpoint
+from scaling.rundir import (Lease, LeaseLost, RunDir, append_jsonl, atomic_write_text, clean_temporary, read_status,
+                            repair_jsonl, write_json, write_status)
+from scaling.signals import StopSignals, stop_signals
 
 # Dense bf16 peak of the GPUs we know, for MFU (vendor datasheets; SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -203,36 +203,43 @@ def train(cfg) -> dict:
     from scaling.diffusion import Diffusion
     from scaling.tracking import Tracker
 
-    validate(cfg)
-    tc = cfg.train
-    rank, world, local_rank = setup_distributed()
-    device = resolve_device(tc.device, local_rank)
-    if tc.batch_img % world:
-        raise ValueError(f"train.batch_img={tc.batch_img} does not split over {world} ranks")
-    run = run_dir_for(cfg)
-    plan = make_plan(cfg, device=str(device), world_size=world)
-    if rank == 0:
+    with stop_signals() as stop:  # already installed by the launcher when it runs this job
+        validate(cfg)
+        tc = cfg.train
+        rank, world, local_rank = setup_distributed()
+        device = resolve_device(tc.device, local_rank)
+        if tc.batch_img % world:
+            raise ValueError(f"train.batch_img={tc.batch_img} does not split over {world} ranks")
+        run = run_dir_for(cfg)
+        plan = make_plan(cfg, device=str(device), world_size=world)
+        if rank != 0:
+            return _train_locked(cfg, run, plan, rank, world, device, None, stop, build_dataset, build_model_for,
+                                 Diffusion, Tracker, config_to_dict)
         run.create()
-    lock = run_lock(run) if rank == 0 else _no_lock()
-    with lock:  # a second launch of a running run stops here, before touching its files
-        if rank == 0:
+        with Lease(run).hold() as lease:  # a second launch of a running run stops here, before touching its files
+            clean_temporary(run)
             from omegaconf import OmegaConf
             atomic_write_text(run.config, OmegaConf.to_yaml(config_to_dict(cfg)))
             write_json(run.plan, plan)
-        return _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_model_for, Diffusion,
-                             Tracker, config_to_dict)
+            return _train_locked(cfg, run, plan, rank, world, device, lease, stop, build_dataset, build_model_for,
+                                 Diffusion, Tracker, config_to_dict)
 
 
-class _no_lock:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+def last_checkpoint_note(run: RunDir, before: int) -> str:
+    """'the last finite checkpoint is <path>' for error messages, naming the newest checkpoint before a step."""
+    steps = [s for s in list_steps(run) if s < before]
+    return f"the last finite checkpoint is {checkpoint_path(run, steps[-1])}" if steps else "no checkpoint was kept"
 
 
-def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_model_for, Diffusion, Tracker,
-                  config_to_dict) -> dict:
+def final_status(run: RunDir, lease: Lease | None, state: str, step: int, **extra) -> None:
+    """A status that no heartbeat may overwrite: the beat stops first."""
+    if lease is not None:
+        lease.stop_heartbeat()
+    write_status(run, state, step, **extra)
+
+
+def _train_locked(cfg, run, plan, rank, world, device, lease: Lease | None, stop: StopSignals, build_dataset,
+                  build_model_for, Diffusion, Tracker, config_to_dict) -> dict:
     tc = cfg.train
     log = print if rank == 0 else (lambda *a, **k: None)
 
@@ -244,7 +251,7 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
                             weight_decay=tc.weight_decay, fused=device.type in ("cuda", "cpu"))
     diffusion = Diffusion(cfg.diffusion)
 
-    # Resume from the newest checkpoint, if any.
+    # Resume from the newest finite checkpoint, if any.
     step, img_seen = 0, 0
     ckpt = load_latest(run, map_location=device)
     if ckpt is not None:
@@ -255,23 +262,29 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
         log(f"[train] {run.run_id}: resumed from step {step}")
         del ckpt
     if rank == 0:
-        truncate_jsonl(run.metrics, step)  # steps after the checkpoint are replayed and logged again
+        repair_jsonl(run.metrics, step)  # steps after the checkpoint are replayed and logged again
     tracker = Tracker(cfg.wandb, run.run_id, cfg.sweep, run.path, config_to_dict(cfg), plan, rank)
 
-    def checkpoint_and_eval(step, img_seen):
+    def checkpoint_and_eval(step, img_seen, evals: bool):
         if rank == 0:
+            if bad := non_finite({"model": model.state_dict(), "ema": ema.state_dict()}):
+                raise FloatingPointError(f"{len(bad)} non-finite weights at step {step} (first {bad[0]}); not saved; "
+                                         f"{last_checkpoint_note(run, step)}")
+            lease.check()  # a holder that lost its lease (suspended past the limit) must not write
             save_checkpoint(run, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                   "step": step, "img_seen": img_seen, "rng": rng_state(),
                                   "data": {"seed": cfg.seed, "position_img": img_seen},
                                   "config": config_to_dict(cfg)})
-            _scheduled_evals(cfg, run, ema, plan, device, step, tracker)
+            lease.set_step(step)
+            if evals:
+                _scheduled_evals(cfg, run, ema, plan, device, step, tracker)
         if world > 1:
             torch_dist.barrier()
 
     if step >= tc.steps:
         if rank == 0:
             _scheduled_evals(cfg, run, ema, plan, device, None, tracker)
-            write_status(run, "done", step)
+            final_status(run, lease, "done", step)
         tracker.finish()
         return read_status(run)
 
@@ -286,12 +299,8 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
     amp_dtype = autocast_dtype(tc.precision, device)
     peak = peak_flops(device)
 
-    # SLURM sends SIGUSR2 before a time limit or preemption, SIGTERM on scancel: save at the next step boundary.
-    stop = {"signal": None}
-    handlers = {s: signal.signal(s, lambda signum, _: stop.update(signal=signum))
-                for s in (signal.SIGUSR2, signal.SIGTERM)}
     if rank == 0:
-        write_status(run, "running", step)
+        lease.set_step(step)
     log(f"[train] {run.run_id}: {plan['params'] / 1e6:.2f}M params, {plan['gflops_per_img']:.4g} Gflops/img, "
         f"steps {step}->{tc.steps}, batch {tc.batch_img}, {device}, world {world}")
     bar = tqdm(total=tc.steps, initial=step, disable=rank != 0 or not sys.stderr.isatty(), unit="step",
@@ -299,90 +308,103 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
     model.train()
     t_log, steps_since_log, loss_sum, start_step = time.perf_counter(), 0, 0.0, step
     try:
-        for batch in loader:
-            x, y = (t.to(device, non_blocking=True) for t in batch)
-            torch.manual_seed(step_seed(cfg.seed, rank, step))  # label dropout and everything below
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = diffusion.training_losses(train_model, x, t, y)
-            loss = losses["loss"].mean()
-            loss_val = loss.item()
-            if not math.isfinite(loss_val):
-                raise FloatingPointError(f"loss is {loss_val} at step {step + 1}; the last good checkpoint is kept"
-                                         f" in {run.checkpoints}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0
-                                                       else float("inf"))
-            opt.step()
-            update_ema(ema, model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
-            step += 1
-            img_seen += tc.batch_img
-            loss_sum += loss_val
-            steps_since_log += 1
-            bar.update(1)
+        if stop.signal is None:  # a signal while the job was starting: stop before the first step
+            for batch in loader:
+                x, y = (t.to(device, non_blocking=True) for t in batch)
+                torch.manual_seed(step_seed(cfg.seed, rank, step))  # label dropout and everything below
+                t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    losses = diffusion.training_losses(train_model, x, t, y)
+                loss = losses["loss"].mean()
+                loss_val = loss.item()
+                if not math.isfinite(loss_val):
+                    raise FloatingPointError(f"loss is {loss_val} at step {step + 1}; "
+                                             f"{last_checkpoint_note(run, step + 1)}")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0
+                                                           else float("inf"))
+                if not math.isfinite(grad_norm.item()):  # the update is not applied: weights stay finite
+                    raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step + 1} (loss "
+                                             f"{loss_val:.4g}); {last_checkpoint_note(run, step + 1)}")
+                opt.step()
+                update_ema(ema, model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+                step += 1
+                img_seen += tc.batch_img
+                loss_sum += loss_val
+                steps_since_log += 1
+                bar.update(1)
+                if lease is not None and lease.lost:
+                    lease.check()  # raises LeaseLost, naming the new holder
 
-            if step % tc.log_every == 0 or step == tc.steps:
-                dt = time.perf_counter() - t_log
-                img_per_s = steps_since_log * tc.batch_img / dt
-                row = {"step": step, "img_seen": img_seen, "loss": loss_sum / steps_since_log,
-                       "mse": losses["mse"].mean().item(), "vlb": losses["vlb"].mean().item(), "lr": tc.lr,
-                       "grad_norm": float(grad_norm), "img_per_s": img_per_s, "wall_s": dt, "time": time.time()}
-                if device.type == "cuda":
-                    row["mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    if peak:  # model flops: 3 passes x 2 flops per multiply-add (paper counts MACs)
-                        row["mfu"] = 3 * 2 * plan["gflops_per_img"] * 1e9 * img_per_s / (peak * world)
-                if rank == 0:
-                    append_jsonl(run.metrics, row)
-                    tracker.log(row)
-                    heartbeat(run)
-                    eta_s = (tc.steps - step) * dt / steps_since_log
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_per_s:.0f}")
-                    if bar.disable:  # no terminal (SLURM log, CI): a plain line with the rate and ETA
-                        log(f"[train] step {step}/{tc.steps} | loss {row['loss']:.4f} | {img_per_s:.1f} img/s | "
-                            f"ETA {format_duration(eta_s)}", flush=True)
-                t_log, steps_since_log, loss_sum = time.perf_counter(), 0, 0.0
+                if step % tc.log_every == 0 or step == tc.steps:
+                    dt = time.perf_counter() - t_log
+                    img_per_s = steps_since_log * tc.batch_img / dt
+                    row = {"step": step, "img_seen": img_seen, "loss": loss_sum / steps_since_log,
+                           "mse": losses["mse"].mean().item(), "vlb": losses["vlb"].mean().item(), "lr": tc.lr,
+                           "grad_norm": float(grad_norm), "img_per_s": img_per_s, "wall_s": dt, "time": time.time()}
+                    if device.type == "cuda":
+                        row["mem_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                        if peak:  # model flops: 3 passes x 2 flops per multiply-add (paper counts MACs)
+                            row["mfu"] = 3 * 2 * plan["gflops_per_img"] * 1e9 * img_per_s / (peak * world)
+                    if rank == 0:
+                        append_jsonl(run.metrics, row)
+                        tracker.log(row)
+                        eta_s = (tc.steps - step) * dt / steps_since_log
+                        bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_per_s:.0f}")
+                        if bar.disable:  # no terminal (SLURM log, CI): a plain line with the rate and ETA
+                            log(f"[train] step {step}/{tc.steps} | loss {row['loss']:.4f} | {img_per_s:.1f} img/s | "
+                                f"ETA {format_duration(eta_s)}", flush=True)
+                    t_log, steps_since_log, loss_sum = time.perf_counter(), 0, 0.0
 
-            if world > 1:  # a signal reaches the ranks at different steps: all stop at the same one
-                flag = torch.tensor([stop["signal"] or 0], device=device)
-                torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
-                stop["signal"] = int(flag.item()) or None
-            t_pause = time.perf_counter()
-            if step % tc.ckpt_every == 0 or step == tc.steps or stop["signal"] is not None:
-                checkpoint_and_eval(step, img_seen)
-                if rank == 0 and tc.grid_every == 0:
+                if world > 1:  # a signal reaches the ranks at different steps: all stop at the same one
+                    flag = torch.tensor([stop.signal or 0], device=device)
+                    torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+                    stop.signal = int(flag.item()) or None
+                t_pause = time.perf_counter()
+                if step % tc.ckpt_every == 0 or step == tc.steps or stop.signal is not None:
+                    checkpoint_and_eval(step, img_seen, evals=stop.signal is None)  # evals wait for the next launch
+                    if rank == 0 and tc.grid_every == 0 and stop.signal is None:
+                        save_sample_grid(run, step, ema, cfg.diffusion, plan, device)
+                elif rank == 0 and tc.grid_every and step % tc.grid_every == 0:
                     save_sample_grid(run, step, ema, cfg.diffusion, plan, device)
-            elif rank == 0 and tc.grid_every and step % tc.grid_every == 0:
-                save_sample_grid(run, step, ema, cfg.diffusion, plan, device)
-            t_log += time.perf_counter() - t_pause  # img/s and the ETA count training steps, not evals
-            if stop["signal"] is not None:
-                log(f"[train] {run.run_id}: signal {stop['signal']} -> saved step {step}, exiting for requeue")
-                if rank == 0:
-                    write_status(run, "preempted", step)
-                if world > 1:
-                    torch_dist.barrier()
-                previous = handlers.get(stop["signal"])
-                if callable(previous):  # e.g. submitit's handler under SLURM: it requeues the job and exits
-                    bar.close()
-                    tracker.finish()
-                    previous(stop["signal"], None)
-                return read_status(run)
+                t_log += time.perf_counter() - t_pause  # img/s and the ETA count training steps, not evals
+                if stop.signal is not None:
+                    break
+        if stop.signal is not None:
+            # The checkpoint and the status come first; anything optional after them may fail without harm.
+            if rank == 0:
+                final_status(run, lease, "preempted", step)
+            log(f"[train] {run.run_id}: {stop.name} -> saved step {step}, exiting for requeue", flush=True)
+            if world > 1:
+                torch_dist.barrier()
+            _quietly(bar.close)
+            _quietly(tracker.finish)
+            if (requeue := stop.requeue_handler()) is not None:  # submitit's under SLURM: requeues, then exits
+                requeue(stop.signal, None)
+            return read_status(run)
     except BaseException as e:
-        if isinstance(e, SystemExit) and stop["signal"] is not None:
+        if isinstance(e, SystemExit) and stop.signal is not None:
             raise  # submitit's requeue handler exits the job after our checkpoint: preempted, not failed
-        if rank == 0:
-            write_status(run, "failed", step, error=f"{type(e).__name__}: {e}")
+        if rank == 0 and not isinstance(e, LeaseLost):  # a lost lease: the run's files are another's now
+            final_status(run, lease, "failed", step, error=f"{type(e).__name__}: {e}")
         raise
     finally:
         bar.close()
-        tracker.finish()
-        for s, h in handlers.items():
-            signal.signal(s, h)
+        _quietly(tracker.finish)
     if rank == 0:
-        write_status(run, "done", step, img_seen=img_seen, steps_this_launch=step - start_step)
+        final_status(run, lease, "done", step, img_seen=img_seen, steps_this_launch=step - start_step)
     if world > 1:
         torch_dist.barrier()  # every rank returns the final status
     return read_status(run)
+
+
+def _quietly(action) -> None:
+    """Run optional work (closing a progress bar, wandb's finish) whose failure must not fail the run."""
+    try:
+        action()
+    except Exception as e:  # noqa: BLE001 - e.g. wandb's service died with the signal
+        print(f"[train] ignored while stopping: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
 def _scheduled_evals(cfg, run, ema, plan, device, step, tracker) -> None:
@@ -391,7 +413,7 @@ def _scheduled_evals(cfg, run, ema, plan, device, step, tracker) -> None:
         return
     from scaling.evaluate import evaluate_checkpoint, missing_evals
 
-    todo = missing_evals(run.path, cfg.eval)
+    todo = missing_evals(run.path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps)
     for s in todo if step is None else [s for s in todo if s == step]:
         row = evaluate_checkpoint(run.path, s, cfg.eval, device=device)
         tracker.summary({k: v for k, v in row.get("metrics", {}).items()})

@@ -1,9 +1,14 @@
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts beside the package, not installed
+    sys.path.insert(0, str(ROOT))
 
 # Two CPU cores on CI: one thread per test process keeps timings predictable.
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))

@@ -3,20 +3,14 @@
 import copy
 import csv
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts beside the package, not installed
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks import bench  # noqa: E402
-from helpers import randomize_  # noqa: E402
-from scaling.diffusion import Diffusion, DiffusionConfig, sample  # noqa: E402
-from scaling.flops import closed_form_gflops  # noqa: E402
+from benchmarks import bench
+from helpers import randomize_
+from scaling.diffusion import Diffusion, DiffusionConfig, sample
+from scaling.flops import closed_form_gflops
 
 CPU = torch.device("cpu")
 

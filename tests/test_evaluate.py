@@ -152,7 +152,7 @@ def make_run(root, steps=(2, 4, 6), eval_cfg=None) -> RunDir:
 def test_evaluate_checkpoint_writes_one_row_per_setting(tmp_path):
     run = make_run(tmp_path)
     eval_cfg = EvalConfig(num_samples=20, **FAST, batch_size=10, num_ref=200)
-    assert missing_evals(run.path, eval_cfg) == [2, 4, 6]
+    assert missing_evals(run.path, eval_cfg, 2, 6) == [2, 4, 6]
     row = evaluate_checkpoint(run.path, 4, eval_cfg, device="cpu", progress=False)
     assert row["step"] == 4 and row["img_seen"] == 32 and row["setting"] == setting_key(eval_cfg)
     assert set(row["metrics"]) == {"fd20_domain", "is20_domain", "precision20_domain", "recall20_domain"}
@@ -166,12 +166,12 @@ def test_evaluate_checkpoint_writes_one_row_per_setting(tmp_path):
         assert f["arr_0"].shape == (20, SIZE, SIZE, 3) and f["arr_0"].dtype == np.uint8
     assert len(list(run.samples.glob("eval_step0000004_*.png"))) == 1
 
-    assert missing_evals(run.path, eval_cfg) == [2, 6]
+    assert missing_evals(run.path, eval_cfg, 2, 6) == [2, 6]
     again = evaluate_checkpoint(run.path, 4, eval_cfg, device="cpu", progress=False)
     assert again == json.loads(json.dumps(row)) and len(read_jsonl(run.evals)) == 1  # no duplicate row
 
     other = replace(eval_cfg, seed=1)  # another setting: its own row
-    assert missing_evals(run.path, other) == [2, 4, 6]
+    assert missing_evals(run.path, other, 2, 6) == [2, 4, 6]
     assert evaluate_checkpoint(run.path, 4, other, device="cpu", progress=False)["setting"] != row["setting"]
     assert len(read_jsonl(run.evals)) == 2
 
@@ -186,8 +186,8 @@ def test_evaluate_checkpoint_uses_the_runs_eval_config(tmp_path):
 
 def test_missing_evals_every_kth_checkpoint(tmp_path):
     run = make_run(tmp_path, steps=(1, 2, 3, 4, 5))
-    assert missing_evals(run.path, EvalConfig(every_ckpt=2)) == [2, 4]
-    assert missing_evals(run.path, EvalConfig(every_ckpt=1)) == [1, 2, 3, 4, 5]
+    assert missing_evals(run.path, EvalConfig(every_ckpt=2), ckpt_every=1, final_step=5) == [2, 4, 5]
+    assert missing_evals(run.path, EvalConfig(every_ckpt=1), ckpt_every=1, final_step=5) == [1, 2, 3, 4, 5]
 
 
 def test_score_an_external_npz(tmp_path, capsys):

@@ -359,7 +359,7 @@ class FakeExecutor:
     def __init__(self, error=None):
         self.jobs, self.error = [], error
 
-    def submit(self, fn, run_path, eval_cfg):
+    def submit(self, fn, cfg):
         assert fn is launch.evaluate_missing
         self.jobs.append(FakeJob(str(len(self.jobs)), self.error))
         return self.jobs[-1]

@@ -29,8 +29,11 @@ def _runs(root):
 
 def test_collect_one_row_per_checkpoint_and_setting(tmp_path):
     _runs(tmp_path)
-    with pytest.warns(UserWarning, match="skipped 3 malformed evals.jsonl line"):
+    with pytest.warns(UserWarning) as caught:
         df = collect([tmp_path])
+    skipped = sorted(str(w.message).split("evals.jsonl ")[-1] for w in caught)
+    assert skipped == ["line 2: not JSON", "line 3: not JSON", "line 4: not an object"]  # file and line named
+    assert all(str(w.message).startswith("laptop_l-p4") for w in caught)  # and the run
     assert list(df.columns[:len(COLUMNS)]) == COLUMNS
     assert df["run_id"].nunique() == 3
     b = df[df["model"] == "laptop_b"].sort_values(["step", "fid"])

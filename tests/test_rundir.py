@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from scaling.checkpoint import checkpoint_path, list_steps, load_latest, save_checkpoint
-from scaling.rundir import (RunDir, RunLocked, acquire_lock, append_jsonl, read_json, read_jsonl, read_status,
-                            release_lock, truncate_jsonl, write_json, write_status)
+from scaling.rundir import (RunDir, RunLocked, acquire_lease, append_jsonl, read_json, read_jsonl, read_status,
+                            repair_jsonl, write_json, write_status)
 
 
 def test_jsonl_skips_torn_last_line(tmp_path):
@@ -24,7 +24,7 @@ def test_truncate_drops_rows_after_resume_point(tmp_path):
     path = tmp_path / "m.jsonl"
     for s in (10, 20, 30):
         append_jsonl(path, {"step": s})
-    truncate_jsonl(path, 20)
+    repair_jsonl(path, 20)
     assert [r["step"] for r in read_jsonl(path)] == [10, 20]
 
 
@@ -70,16 +70,16 @@ def test_lock_blocks_second_holder_and_recovers_stale(tmp_path):
     try:
         write_json(run.lock, {"host": os.uname().nodename, "pid": holder.pid, "heartbeat": 1e18})
         with pytest.raises(RunLocked, match=str(holder.pid)):
-            acquire_lock(run)
+            acquire_lease(run)
     finally:
         holder.kill()
         holder.wait()
     # Its process is gone: the lease is stale and taken over.
-    info = acquire_lock(run)
-    assert info["pid"] == os.getpid()
-    release_lock(run)
+    lease = acquire_lease(run)
+    assert lease.info["pid"] == os.getpid()
+    lease.release()
     assert not run.lock.exists()
     # A holder on another host that stopped beating long ago is stale too.
     write_json(run.lock, {"host": "elsewhere", "pid": 1, "heartbeat": 0})
-    acquire_lock(run)
+    acquire_lease(run)
     assert json.loads(run.lock.read_text())["pid"] == os.getpid()

@@ -11,7 +11,8 @@ from pathlib import Path
 
 
 from scaling.rundir import RunDir, append_jsonl, write_json, write_status
-from scaling.status import age, eval_label, format_table, last_jsonl_row, lease_is_live, main, run_dirs, run_row
+from scaling.rundir import last_jsonl_row, lease_is_stale
+from scaling.status import age, eval_label, format_table, main, run_dirs, run_row
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +50,7 @@ def test_running_with_a_live_lease_is_running_and_a_dead_one_is_stale(tmp_path):
     assert rows["c-old-heartbeat"]["state"] == "stale"
     assert rows["d-no-lease"]["state"] == "stale"
     assert run_row(quiet, stale_s=7200)["state"] == "running"  # within a longer staleness bound
-    assert lease_is_live({"host": "elsewhere", "pid": 1, "heartbeat": now}) and not lease_is_live(None)
+    assert not lease_is_stale({"host": "elsewhere", "pid": 1, "heartbeat": now}) and lease_is_stale(None)
 
 
 def test_row_reads_step_total_loss_eval_and_rate(tmp_path):
