@@ -451,7 +451,14 @@ def main(argv=None) -> int:
     if args.source is None and not args.reference:
         ap.error("give a results table / output root, or --reference")
     reference = args.reference or Path(args.source).resolve() == REFERENCE_CSV
-    df = paper_table() if args.reference else read_table(args.source)
+    try:
+        df = paper_table() if args.reference else read_table(args.source)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if df.empty:
+        print(f"error: {args.source} holds no runs", file=sys.stderr)
+        return 2
     build_all(df, args.out, step=args.step, overlay_paper=args.overlay_paper, only_fig8=reference,
               n_boot=args.n_boot, seed=args.seed)
     return 0

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,8 +18,9 @@ from scaling.diffusion import DiffusionConfig
 from scaling.evaluate import EvalConfig
 from scaling.models import BLOCKS, MODELS, ModelConfig
 from scaling.rundir import RunDir
+from scaling.tracking import MODES as WANDB_MODES
 from scaling.tracking import WandbConfig
-from scaling.train import TrainConfig
+from scaling.train import DEVICES, PRECISIONS, TrainConfig
 
 # Settings that do not change what is trained: excluded from the run id, so that e.g. a longer horizon
 # (constant learning rate) or another checkpoint interval continues the same run.
@@ -52,7 +54,19 @@ def config_from_dict(d: dict) -> RunConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), d))
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def _shipped(name: str) -> Path:
+    """conf/ or sweeps/: the copy inside the installed package (a wheel, setup.py), else the repository's."""
+    package = Path(__file__).resolve().parent
+    return next((p for p in (package / name, package.parent / name) if p.is_dir()), package.parent / name)
+
+
+CONF_DIR = _shipped("conf")        # the config groups
+SWEEPS_DIR = _shipped("sweeps")    # the studies: --config-name laptop finds sweeps/laptop.yaml
+
+
+def studies() -> list[str]:
+    """The study names a user can give to --config-name (sweeps/*.yaml)."""
+    return sorted(p.stem for p in SWEEPS_DIR.glob("*.yaml"))
 
 
 def register_configs() -> None:
@@ -178,17 +192,34 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"train.{key}={getattr(tc, key)} must be a finite number >= 0")
     if tc.num_workers < 0:
         raise ValueError(f"train.num_workers={tc.num_workers} must be >= 0 (0 = load in the training process)")
+    if tc.precision not in PRECISIONS:
+        raise ValueError(f"train.precision={tc.precision!r}; allowed: {', '.join(PRECISIONS)}")
+    if tc.device not in DEVICES:
+        raise ValueError(f"train.device={tc.device!r}; allowed: {', '.join(DEVICES)}")
+    if cfg.wandb.mode not in WANDB_MODES:
+        raise ValueError(f"wandb.mode={cfg.wandb.mode!r}; allowed: {', '.join(WANDB_MODES)}")
     from scaling.evaluate import validate_eval
 
     validate_eval(cfg.eval)
     _check_writable(cfg.output_root)
 
 
+_WRITABLE: set[str] = set()
+
+
 def _check_writable(output_root: str) -> None:
+    """Whether runs can be created under output_root: a probe directory is made and removed in its nearest existing
+    ancestor (os.access says yes to root for /proc), once per root and process."""
+    if output_root in _WRITABLE:
+        return
     p = Path(output_root).resolve()
     while not p.exists():
         p = p.parent
     if not p.is_dir():  # a file in the way: even root cannot create directories under it
         raise ValueError(f"output_root={output_root!r} is not writable ({p} is a file, not a directory)")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(f"output_root={output_root!r} is not writable ({p} denies writing)")
+    try:
+        tempfile.TemporaryDirectory(dir=p, prefix=".dit-scaling-probe-").cleanup()
+    except OSError as e:
+        raise ValueError(f"output_root={output_root!r} is not writable (cannot create a directory in {p}: "
+                         f"{e.strerror})") from None
+    _WRITABLE.add(output_root)

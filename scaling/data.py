@@ -100,6 +100,9 @@ def describe(cfg: DataConfig, require_data: bool = True) -> dict:
     `nominal: True`; `data.num_classes` must then be set.
     """
     if not require_data and cfg.name in ("image_folder", "latents") and not (cfg.path and Path(cfg.path).exists()):
+        if cfg.name == "latents" and cfg.image_size % VAE_DOWNSAMPLE:
+            raise ValueError(f"data.image_size={cfg.image_size} must be a multiple of {VAE_DOWNSAMPLE} for the VAE "
+                             f"latents (e.g. 256 -> 32x32x4 latents)")
         if cfg.num_classes is None:
             raise ValueError(f"data.num_classes must be set to plan data.name={cfg.name} without its data.path")
         latent = cfg.name == "latents"

@@ -67,6 +67,9 @@ def validate_eval(cfg: EvalConfig) -> None:
             raise ValueError(f"eval.{key}={getattr(cfg, key)!r}; allowed: an integer >= 1")
     if cfg.cfg_scale < 1.0:
         raise ValueError(f"eval.cfg_scale={cfg.cfg_scale}; allowed: >= 1.0 (1.0 = no guidance)")
+    if cfg.inception_weights is not None and not Path(cfg.inception_weights).is_file():
+        raise ValueError(f"eval.inception_weights={cfg.inception_weights!r} is not a file; allowed: the path of "
+                         f"torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or null (download, online)")
     if cfg.guide_channels is not None and cfg.guide_channels < 1:
         raise ValueError(f"eval.guide_channels={cfg.guide_channels}; allowed: None or >= 1")
     if cfg.precision_recall and min(cfg.num_samples, cfg.num_ref) <= PRC_NEIGHBOURHOOD:
@@ -516,6 +519,10 @@ def main(argv=None) -> int:
         return 0
     if not args.run_dir:
         p.error("give a run directory or --npz")
+    if not as_run(args.run_dir).config.is_file():
+        print(f"error: {args.run_dir} is not a run directory (no config.yaml); allowed: <output_root>/runs/<run_id>",
+              file=sys.stderr)
+        return 2
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # launched by torchrun
     if distributed and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -109,13 +109,16 @@ def make_hydra(args: LaunchArgs):
     """Hydra's config loader over conf/ (and --config-dir first, as `python app.py --config-dir` does)."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.global_hydra import GlobalHydra
 
-    from scaling.config import CONF_DIR, register_configs
+    from scaling.config import CONF_DIR, SWEEPS_DIR, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
     search_path = create_config_search_path(str(CONF_DIR))
+    search_path.append("dit-scaling-studies", f"file://{SWEEPS_DIR}",  # --config-name laptop without --config-dir
+                       anchor=SearchPathQuery(provider="main"))
     if args.config_dir:
         search_path.prepend("command-line", f"file://{args.config_dir}")
     return Hydra.create_main_hydra2(task_name="scaling", config_search_path=search_path)
@@ -186,6 +189,7 @@ def prepare(args: LaunchArgs):
     """Everything that can fail on bad input: (hydra, master config, launcher, local launcher config, points)."""
     from scaling.config import run_id, validate
 
+    check_config_name(args)
     hydra = make_hydra(args)
     master = compose_master(hydra, args)
     launcher, local = launcher_of(master)
@@ -199,7 +203,71 @@ def prepare(args: LaunchArgs):
             where = " ".join(overrides[i] for i in swept)
             raise ValueError(f"{e} (grid point {where})" if where else str(e)) from None
         points.append(Point(overrides, cfg, run_id(cfg)))
+    check_placement(points, launcher, master)
     return hydra, master, launcher, local, points
+
+
+def check_config_name(args: LaunchArgs) -> None:
+    """--config-name names conf/config.yaml, a study in sweeps/, or a file in --config-dir."""
+    from scaling.config import CONF_DIR, SWEEPS_DIR, studies
+
+    dirs = [Path(d) for d in (args.config_dir, CONF_DIR, SWEEPS_DIR) if d]
+    if not any((d / f"{args.config_name}.yaml").is_file() for d in dirs):
+        extra = f", or a .yaml file in {args.config_dir}" if args.config_dir else ""
+        raise ValueError(f"--config-name={args.config_name}: no such config or study; allowed: config (the default), "
+                         f"{', '.join(studies())}{extra}")
+
+
+def wandb_key_here() -> bool:
+    """Whether wandb can log in on this machine: WANDB_API_KEY, or a ~/.netrc entry for its host (wandb login)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def check_placement(points: list[Point], launcher: str, master) -> None:
+    """Checks that depend on where the jobs run: CUDA on this machine (local) or in the job's request (SLURM),
+    the wandb key here (local: an error) or in the job's environment (SLURM: a warning). A dry run plans for
+    another machine: only warnings. Also warns once for a dry run whose data is not here."""
+    import torch
+
+    from scaling.config import data_spec
+
+    dry = any(p.cfg.dry_run for p in points)
+    problems = []
+    if any(p.cfg.train.device == "cuda" for p in points):
+        if launcher == "local" and not torch.cuda.is_available():
+            problems.append("train.device=cuda but this machine has no CUDA device and the local launcher runs the "
+                            "jobs here; allowed: auto, cpu (or hydra/launcher=slurm)")
+        if launcher == "slurm":
+            requested = master.hydra.launcher
+            gres = str((requested.get("additional_parameters") or {}).get("gres", "")) + str(requested.get("gres") or "")
+            if not (requested.get("gpus_per_node") or requested.get("gpus_per_task") or "gpu" in gres):
+                problems.append("train.device=cuda but the SLURM jobs request no GPU (hydra.launcher.gpus_per_node "
+                                "is 0 and no gres); allowed: hydra.launcher.gpus_per_node>=1, or train.device=cpu")
+    if any(p.cfg.wandb.mode == "online" for p in points) and not wandb_key_here():
+        message = ("wandb=online but no wandb API key here (WANDB_API_KEY, or `wandb login`); allowed: set one, or "
+                   "wandb=offline (sync later with `wandb sync`)")
+        if launcher == "slurm":
+            print(f"warning: {message}; the SLURM jobs need it in their environment", file=sys.stderr, flush=True)
+        else:
+            problems.append(message)
+    for message in problems[:1]:
+        if not dry:
+            raise ValueError(message)
+        print(f"warning: {message} (a dry run plans only)", file=sys.stderr, flush=True)
+    if dry:
+        for data in {(p.cfg.data.name, p.cfg.data.path, p.cfg.data.image_size): p.cfg.data for p in points}.values():
+            if data_spec(data, require_data=False).get("nominal"):
+                print(f"warning: data.path={data.path} is not on this machine; planned from data.image_size="
+                      f"{data.image_size} and data.num_classes={data.num_classes}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- one-line errors
@@ -216,12 +284,23 @@ def one_line_error(e: BaseException, overrides: list[str] = ()) -> str:
     text = str(e)
     if isinstance(e, MissingConfigException) and (m := _MISSING_OPTION.search(text)):
         group, option = m["group"], m["option"]
+        from scaling.config import CONF_DIR
+
+        top = group.split("/")[0]
+        if top != "hydra" and (CONF_DIR / top).is_dir() and group != top:  # model=DiT-XL/2: '/' is not a group
+            group, option = top, f"{group[len(top) + 1:]}/{option}"
         options = re.findall(r"^\t(\S+)$", text.split(f"Available options in '{group}':", 1)[-1].split(
             "Config search path:")[0], flags=re.M)
         if group == "hydra/launcher":
             options = list(LAUNCHERS)
         allowed = f"; allowed: {', '.join(options)}" if options else ""
-        return f"{group}={option}: no such {group.split('/')[-1]} config{allowed}"
+        hint = " (the patch size is its own key: model=dit_xl patch=2)" if group == "model" and "/" in option else ""
+        return f"{group}={option}: no such {group.split('/')[-1]} config{allowed}{hint}"
+    if isinstance(e, AssertionError) and any(o.startswith("hydra.sweeper.params.") for o in overrides):
+        bad = next(o for o in overrides if o.startswith("hydra.sweeper.params."))
+        return (f"{bad}: this config has no hydra.sweeper.params to add to; allowed: the sweep on the command line "
+                f"(-m {bad.removeprefix('hydra.sweeper.params.')}), or a study file whose hydra.sweeper.params "
+                f"holds the grid")
     if isinstance(e, OverrideParseException):
         return f"cannot parse override {_parse_failure(overrides)}: {_first_line(text)}"
     cause = e.__cause__

@@ -102,8 +102,11 @@ def main(argv=None) -> int:
         return 2
     while True:
         runs = run_dirs(args.output_root)
+        if not runs and not args.watch:
+            print(f"error: no runs under {Path(args.output_root) / 'runs'}", file=sys.stderr)
+            return 2
         print(format_table([run_row(r, args.stale_s) for r in runs]) if runs
-              else f"no runs under {Path(args.output_root) / 'runs'}", flush=True)
+              else f"no runs under {Path(args.output_root) / 'runs'} yet", flush=True)
         if not args.watch:
             return 0
         try:

@@ -29,6 +29,7 @@ from scaling.signals import StopSignals, stop_signals
 # Dense bf16 peak of the GPUs we know, for MFU (vendor datasheets; SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
 PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -126,7 +127,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if name != "cpu":
-        raise ValueError(f"train.device={name!r}; allowed: auto, cpu, cuda")
+        raise ValueError(f"train.device={name!r}; allowed: {', '.join(DEVICES)}")
     return torch.device("cpu")
 
 

@@ -212,6 +212,27 @@ BAD_INPUT_IN_PROCESS = {
     "unparsable override": (["model=dit_s,"], ["cannot parse override 'model=dit_s,'"]),
     "unknown option": (["--fast"], ["'--fast'", "allowed: -m/--multirun"]),
     "negative sampling steps": (["eval.sampling_steps=-5"], ["eval.sampling_steps=-5", "allowed: an integer >= 1"]),
+    "precision fp16": (["train.precision=fp16"], ["train.precision='fp16'", "allowed: auto, bf16, fp32"]),
+    "device gpu": (["train.device=gpu"], ["train.device='gpu'", "allowed: auto, cpu, cuda"]),
+    "device tpu": (["train.device=tpu"], ["train.device='tpu'", "allowed: auto, cpu, cuda"]),
+    "cuda on a machine without one": (["train.device=cuda"], ["train.device=cuda", "no CUDA device"]),
+    "wandb mode typo": (["wandb.mode=onlin"], ["wandb.mode='onlin'", "allowed: offline, online, disabled"]),
+    "wandb online without a key": (["wandb=online"], ["wandb=online", "no wandb API key"]),
+    "inception weights missing": (["eval.inception_weights=/nope.pth"], ["eval.inception_weights='/nope.pth'",
+                                                                         "is not a file"]),
+    "negative weight decay": (["train.weight_decay=-1"], ["train.weight_decay=-1.0", ">= 0"]),
+    "negative workers": (["train.num_workers=-1"], ["train.num_workers=-1", ">= 0"]),
+    "lr nan": (["train.lr=nan"], ["train.lr=nan", "finite"]),
+    "lr inf": (["train.lr=inf"], ["train.lr=inf", "finite"]),
+    "output root in /proc": (["output_root=/proc/x"], ["output_root='/proc/x' is not writable"]),
+    "unknown study": (["--config-name", "papr"], ["--config-name=papr", "allowed: config", "laptop", "paper"]),
+    "model with its patch": (["model=DiT-XL/2"], ["model=DiT-XL/2: no such model config", "patch=2"]),
+    "sweeper params of a config without a grid": (["hydra.sweeper.params.patch=4"],
+                                                  ["hydra.sweeper.params.patch=4", "-m patch=4"]),
+    "latent image size not a multiple of 8": (["model=dit_xl", "data.image_size=250", "data.path=/nope",
+                                               "dry_run=true"], ["data.image_size=250", "multiple of 8"]),
+    "bad value at the last grid point": (["-m", "data.image_size=16", "patch=2,4,8,3"],
+                                         ["patch=3 does not divide", "grid point patch=3"]),
 }
 
 
@@ -257,11 +278,13 @@ def test_bad_input_fails_in_one_line_before_anything_runs(bad_input_results, nam
 
 
 @pytest.mark.parametrize("name", BAD_INPUT_IN_PROCESS)
-def test_more_bad_input_fails_in_one_line(tmp_path, capsys, name):
+def test_more_bad_input_fails_in_one_line(tmp_path, capsys, monkeypatch, name):
     argv, expected = BAD_INPUT_IN_PROCESS[name]
     out = existing_output_root(tmp_path)
     before = snapshot(tmp_path)
-    assert main([*argv, f"output_root={out}"]) == 2
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a wandb key
+    assert main([*argv] + ([] if any(a.startswith("output_root=") for a in argv) else [f"output_root={out}"])) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and captured.out == "", captured
@@ -538,3 +561,21 @@ def test_the_progress_line_names_each_running_job_with_its_step_rate_and_eta(tmp
     line = launch.progress_line([Point([], cfg, run_id(cfg)), Point([], idle, run_id(idle))], 3, 12, 125.0)
     assert line.startswith("[launch] 3/12 jobs finished after 2m05s; running: ")
     assert "laptop_b/4 step 200/600 (32 img/s, ETA 6m40s)" in line and "laptop_s/8 starting" in line
+
+
+def test_checks_that_depend_on_where_the_jobs_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc with a wandb key
+    out = f"output_root={tmp_path / 'out'}"
+    # SLURM: the key may live in the jobs' environment (a warning); CUDA must be in the jobs' request (an error).
+    assert main(["-m", "hydra/launcher=slurm", "wandb=online", "dry_run=true", out]) == 0
+    err = capsys.readouterr().err
+    assert "warning: wandb=online" in err and "SLURM jobs need it" in err
+    assert main(["-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "train.device=cuda", out]) == 2
+    assert "the SLURM jobs request no GPU" in capsys.readouterr().err
+    # A dry run plans for another machine: data that is not here is a warning, and the plan is printed.
+    assert main(["model=dit_xl", "patch=2", "data.path=/nope", "dry_run=true", out]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == ("warning: data.path=/nope is not on this machine; planned from data.image_size=256"
+                                    " and data.num_classes=1000")
+    assert "dit_xl-p2" in captured.out and not (tmp_path / "out").exists()
