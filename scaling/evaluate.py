@@ -31,6 +31,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 SAMPLERS = ("ddpm", "ddim")
+LABEL_SAMPLING = ("balanced", "uniform")        # class labels of the samples (sample_to_npz)
+SAMPLING_PRECISIONS = ("fp32", "tf32", "bf16")  # the model forward while sampling (sample_to_npz)
+SAMPLING_DEFAULTS = {"labels": "balanced", "precision": "fp32"}
 PRC_NEIGHBOURHOOD = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019; ADM's evaluator uses k = 3)
 DEFAULT_NUM_REF = 10_000
 
@@ -127,12 +130,16 @@ def _save_npz(path: Path, **arrays) -> None:
 def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler: str = "ddpm",
                   sampling_steps: int = 250, cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 256,
                   out_path, vae=None, latent_scale: float = 0.18215, guide_channels: Optional[int] = None,
-                  device=None, distributed: Optional[bool] = None, progress: bool = True) -> Path:
+                  labels: str = "balanced", precision: str = "fp32", device=None,
+                  distributed: Optional[bool] = None, progress: bool = True) -> Path:
     """Draw `num_samples` class-conditional samples into `out_path`, the ADM batch .npz:
     arr_0 (N, H, W, 3) uint8 (grey repeated to 3 channels), arr_1 (N,) int64 labels.
 
-    Labels are balanced (`balanced_labels`); batch b draws its noise from a generator seeded by (seed, b), so the
-    result does not depend on interruptions or on the number of ranks. Each batch is written as a shard in
+    labels: "balanced" (`balanced_labels`: every class equally often, the scaling study) or "uniform" (drawn
+    uniformly at random per sample from one generator seeded by `seed`, as DiT's sample_ddp.py). precision: "fp32",
+    "tf32" (fp32 with TF32 matmuls on GPUs, sample_ddp.py's default) or "bf16" (autocast of the model forward; the
+    diffusion arithmetic and the VAE decode stay fp32). Batch b draws its noise from a generator seeded by
+    (seed, b), so the result does not depend on interruptions or on the number of ranks. Each batch is written as a shard in
     `<out>.parts/`; a rerun skips shards that exist, then the shards are assembled and removed. With
     torch.distributed (distributed=None: when initialised) rank r draws batches r, r + world, ... and rank 0
     assembles after a barrier. Latent models are decoded through `vae`.
@@ -147,8 +154,13 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
     rank, world = (0, 1) if distributed is False else _dist()
     device = torch.device(device or next(model.parameters()).device)
     parts = out_path.with_name(out_path.name + ".parts")
+    if labels not in LABEL_SAMPLING:
+        raise ValueError(f"labels={labels!r}; allowed: {', '.join(LABEL_SAMPLING)}")
+    if precision not in SAMPLING_PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {', '.join(SAMPLING_PRECISIONS)}")
     spec = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed, "sampler": sampler,
             "sampling_steps": sampling_steps, "cfg_scale": float(cfg_scale), "guide_channels": guide_channels}
+    spec.update({k: v for k, v in (("labels", labels), ("precision", precision)) if v != SAMPLING_DEFAULTS[k]})
     parts.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         spec_file = parts / "spec.json"
@@ -162,21 +174,31 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
 
     diffusion = Diffusion(diffusion_cfg)
     model.eval()
-    labels = balanced_labels(num_samples, plan["num_classes"], seed)
+    all_labels = (balanced_labels(num_samples, plan["num_classes"], seed) if labels == "balanced" else
+                  torch.randint(0, plan["num_classes"], (num_samples,), generator=torch.Generator().manual_seed(seed)))
     num_batches = -(-num_samples // batch_size)
     mine = [b for b in range(rank, num_batches, world) if not (parts / f"batch_{b:06d}.npz").is_file()]
     shape = (plan["in_channels"], plan["input_size"], plan["input_size"])
-    for b in tqdm(mine, desc=f"sample {sampler}{sampling_steps} (rank {rank})", unit="batch",
-                  disable=not progress or rank != 0):
-        y = labels[b * batch_size:(b + 1) * batch_size].to(device)
-        g = torch.Generator(device).manual_seed(batch_seed(seed, b))
-        x = sample(model, diffusion, y, (len(y), *shape), sampler=sampler, num_steps=sampling_steps,
-                   cfg_scale=cfg_scale, guide_channels=guide_channels, generator=g,
-                   clip_denoised=plan.get("pixel_space", True))               # (B, C, h, w) model space
-        if not plan.get("pixel_space", True):
-            x = decode_latents(vae, x, latent_scale)                            # (B, 3, H, W) in [-1, 1]
-        images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()                 # (B, H, W, 3) uint8
-        _save_npz(parts / f"batch_{b:06d}.npz", arr_0=images, arr_1=y.cpu().numpy())
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    bar = tqdm(total=sum(min(batch_size, num_samples - b * batch_size) for b in mine), unit="img",
+               desc=f"sample {sampler}{sampling_steps} (rank {rank} of {world})", disable=not progress or rank != 0)
+    try:
+        for b in mine:
+            y = all_labels[b * batch_size:(b + 1) * batch_size].to(device)
+            g = torch.Generator(device).manual_seed(batch_seed(seed, b))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                x = sample(model, diffusion, y, (len(y), *shape), sampler=sampler, num_steps=sampling_steps,
+                           cfg_scale=cfg_scale, guide_channels=guide_channels, generator=g,
+                           clip_denoised=plan.get("pixel_space", True))       # (B, C, h, w) model space
+            if not plan.get("pixel_space", True):
+                x = decode_latents(vae, x, latent_scale)                        # (B, 3, H, W) in [-1, 1]
+            images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()             # (B, H, W, 3) uint8
+            _save_npz(parts / f"batch_{b:06d}.npz", arr_0=images, arr_1=y.cpu().numpy())
+            bar.update(len(y))  # tqdm shows img/s and the ETA of this rank's share
+    finally:
+        bar.close()
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
