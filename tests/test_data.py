@@ -215,19 +215,6 @@ def test_unreadable_folder_fails_at_build(tmp_path):
 # ----------------------------------------------------------------------------- latents
 
 
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        latent_channels=4, norm_num_groups=4, layers_per_block=1)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return str(path)
-
-
 def test_encode_latents_roundtrip(tmp_path, tiny_vae_dir):
     root = _write_folder(tmp_path / "images", classes=("zebra", "ant"), per_class=3, size=(40, 32))
     cfg = DataConfig(name="image_folder", path=str(root), image_size=16, vae=tiny_vae_dir)
