@@ -74,6 +74,14 @@ PROTOCOLS = {
 }
 OVERRIDABLE = ("sampler", "sampling_steps", "cfg_scale", "guide_channels", "labels", "precision")
 
+# Cost model of a sampling run (`sampling_cost`). Multiply-adds per image of the SD VAE decoder (sd-vae-ft-ema's
+# configuration, counted by fvcore like scaling.flops; its one 32x32 attention, ~1 G, is not counted).
+VAE_DECODE_GFLOPS = {256: 310.6, 512: 1242.5}
+# Assumptions, labelled as such: H100 SXM dense peak per precision (NVIDIA datasheet; fp32 = no tensor cores) and
+# the share of it a sampling loop reaches (model flops utilisation).
+H100_PEAK_TFLOPS = {"fp32": 66.9, "tf32": 494.7, "bf16": 989.0}
+ASSUMED_MFU = 0.4
+
 
 def with_overrides(protocol: Protocol, **changes) -> Protocol:
     """The protocol with `changes` (None = keep); a changed protocol says so in its name."""
@@ -82,6 +90,20 @@ def with_overrides(protocol: Protocol, **changes) -> Protocol:
         return protocol
     label = ",".join(f"{k}={v}" for k, v in sorted(changes.items()))
     return replace(protocol, name=f"{protocol.name}+{label}", **changes)
+
+
+def sampling_cost(gflops_per_img: float, num_samples: int, protocol: Protocol, image_size: int, *,
+                  latent: bool = True, mfu: float = ASSUMED_MFU) -> dict:
+    """Predicted FLOPs and H100 GPU-hours of a sampling run: Gflops x 2 (a multiply-add is 2 FLOPs) x samples x
+    steps x (2 with guidance: conditional and unconditional halves), plus the VAE decode once per image, at the
+    protocol's precision's peak x `mfu`."""
+    forwards = protocol.sampling_steps * (2 if protocol.cfg_scale > 1.0 else 1)
+    model_flops = 2 * gflops_per_img * 1e9 * forwards * num_samples
+    vae_gflops = VAE_DECODE_GFLOPS.get(image_size, VAE_DECODE_GFLOPS[256] * (image_size / 256) ** 2)
+    vae_flops = 2 * vae_gflops * 1e9 * num_samples if latent else 0.0
+    peak = H100_PEAK_TFLOPS[protocol.precision] * 1e12
+    return {"model_flops": model_flops, "vae_flops": vae_flops, "h100_peak_tflops": peak / 1e12, "assumed_mfu": mfu,
+            "h100_gpu_hours": (model_flops + vae_flops) / (peak * mfu) / 3600}
 
 
 @dataclass
@@ -107,6 +129,7 @@ class SampleConfig:
     guide_channels: Optional[int] = None
     labels: Optional[str] = None
     precision: Optional[str] = None
+    dry_run: bool = False              # load and check the checkpoint, print the plan and predicted cost, stop
 
 
 def validate_sample(cfg: SampleConfig) -> None:
@@ -315,6 +338,17 @@ def run_sampling(cfg: SampleConfig) -> dict:
     if protocol.cfg_scale > 1.0 and loaded.model.y_embedder.embedding_table.num_embeddings == loaded.model.num_classes:
         raise ValueError(f"--cfg-scale={protocol.cfg_scale}: this model has no null class (trained without label "
                          f"dropout); allowed: 1.0")
+    predicted = None
+    if cfg.dry_run or rank == 0:
+        from scaling.flops import gflops_per_img
+
+        gflops = gflops_per_img(loaded.model)
+        cost = sampling_cost(gflops, num_samples, protocol, loaded.image_size, latent=loaded.vae is not None)
+        predicted = {"model": loaded.model_tag, "checkpoint_kind": loaded.kind, "gflops_per_img": gflops,
+                     "protocol": protocol.name, "num_samples": num_samples, **cost}
+        print(f"[sample] plan: {json.dumps(predicted)}", file=sys.stderr, flush=True)
+        if cfg.dry_run:
+            return {"plan": predicted}
     vae = load_vae(loaded.vae, device) if loaded.vae else None
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +376,7 @@ def run_sampling(cfg: SampleConfig) -> dict:
               "latent_scale": None if loaded.vae is None else loaded.latent_scale, "num_samples": num_samples,
               "seed": cfg.seed, "batch_size": cfg.batch_size, "world_size": world, "npz": str(npz),
               "grid": str(out_dir / f"{tag}.png"), "sample_wall_s": sample_wall_s if todo else None,
-              "metrics": None, "reference": None}
+              "predicted": predicted, "metrics": None, "reference": None}
     if rank != 0:
         return record
     with np.load(npz) as f:
@@ -394,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-ref", type=int, default=d.num_ref, help="--ref dataset: reference images (default: "
                                                                    "%(default)s)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local GPU, else cpu)")
+    p.add_argument("--dry-run", action="store_true", help="check the checkpoint, print Gflops and the predicted "
+                   f"H100 GPU-hours (assumed MFU {ASSUMED_MFU}), sample nothing")
     g = p.add_argument_group("protocol overrides (each renames the protocol, e.g. paper_table2+cfg_scale=4.0)")
     g.add_argument("--sampler", choices=SAMPLERS, help="ddpm (the paper) or ddim")
     g.add_argument("--sampling-steps", type=int, help="respaced steps (the paper: 250)")
@@ -423,7 +459,7 @@ def main(argv=None) -> int:
         return 2
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    print(json.dumps({k: record[k] for k in ("npz", "metrics", "reference") if k in record}, indent=1))
+    print(json.dumps({k: record[k] for k in ("plan", "npz", "metrics", "reference") if k in record}, indent=1))
     return 0
 
 

@@ -131,6 +131,24 @@ def test_protocols_state_the_papers_settings():
     assert sm.with_overrides(p, cfg_scale=4.0).name == "paper_fid50k+cfg_scale=4.0"
 
 
+def test_sampling_cost_of_table2_on_an_h100():
+    # DiT-XL/2: 118.64 Gflops (Table 4); 50K images x 250 steps x 2 (guided) x 2 FLOPs per multiply-add = 5.93e18
+    cost = sm.sampling_cost(118.64, 50_000, sm.PROTOCOLS["paper_table2"], 256)
+    assert cost["model_flops"] == pytest.approx(118.64e9 * 2 * 50_000 * 250 * 2)
+    assert cost["vae_flops"] == pytest.approx(310.6e9 * 2 * 50_000)  # 0.5% of the total
+    assert cost["h100_gpu_hours"] == pytest.approx((5.932e18 + 3.106e16) / (494.7e12 * 0.4) / 3600, rel=1e-3)
+    unguided = sm.sampling_cost(118.64, 50_000, sm.PROTOCOLS["paper_fid50k"], 256)
+    assert unguided["model_flops"] == pytest.approx(cost["model_flops"] / 2)
+    assert sm.sampling_cost(1.0, 10, sm.PROTOCOLS["study"], 16, latent=False)["vae_flops"] == 0
+
+
+def test_dry_run_checks_the_weights_and_prints_the_plan(release_file, capsys):
+    assert sm.main([str(release_file), "--dry-run", "--device", "cpu"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["model"] == "laptop_s-2-32" and plan["protocol"] == "paper_table2" and plan["num_samples"] == 50_000
+    assert plan["gflops_per_img"] > 0 and plan["h100_gpu_hours"] > 0
+
+
 def release_forward_with_cfg(model, x, t, y, cfg_scale):
     """The release's DiT.forward_with_cfg (facebookresearch/DiT models.py), transcribed: x, t, y hold the
     conditional half then the unconditional half; 3 epsilon channels are guided; both halves get the result."""
