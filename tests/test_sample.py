@@ -250,7 +250,25 @@ def test_killed_run_resumes_to_the_same_npz(tmp_path, release_file, tiny_vae_dir
         assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
 
 
-def test_project_checkpoint_samples_its_ema_weights(tmp_path):
+def test_images_do_not_depend_on_the_number_of_gpus(tmp_path, release_file, tiny_vae_dir, monkeypatch):
+    import scaling.evaluate as ev
+
+    def cfg(out):
+        return sm.SampleConfig(str(release_file), out=str(out), protocol="paper_fid50k", num_samples=10,
+                               batch_size=3, sampling_steps=2, vae=tiny_vae_dir, device="cpu")
+
+    one = sm.run_sampling(cfg(tmp_path / "one"))
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    for rank in (1, 0):  # two "GPUs": rank 1 draws chunks 1 and 3, rank 0 draws 0 and 2 and assembles
+        monkeypatch.setattr(ev, "_dist", lambda r=rank: (r, 2))
+        two = sm.run_sampling(cfg(tmp_path / "two"))
+    assert two["world_size"] == 2
+    with np.load(one["npz"]) as a, np.load(two["npz"]) as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+
+
+def project_checkpoint(path):
+    """A checkpoint of this project's layout for a pixel-space laptop run on animal_mnist at 8 px."""
     from scaling.config import RunConfig, config_to_dict
     from scaling.data import DataConfig
 
@@ -258,9 +276,14 @@ def test_project_checkpoint_samples_its_ema_weights(tmp_path):
     torch.manual_seed(0)
     ema = randomize_(build_model("laptop_s", 4, input_size=8, in_channels=1, num_classes=10), 1)
     raw = randomize_(build_model("laptop_s", 4, input_size=8, in_channels=1, num_classes=10), 2)
-    path = tmp_path / "step_0000010.pt"
     torch.save({"model": raw.state_dict(), "ema": ema.state_dict(), "opt": {}, "step": 10, "img_seen": 80,
                 "rng": {}, "data": {}, "config": config_to_dict(cfg)}, path)
+    return cfg, ema
+
+
+def test_project_checkpoint_samples_its_ema_weights(tmp_path):
+    path = tmp_path / "step_0000010.pt"
+    cfg, ema = project_checkpoint(path)
     record = sm.run_sampling(sm.SampleConfig(str(path), out=str(tmp_path / "out"), protocol="study", num_samples=6,
                                              batch_size=6, sampling_steps=2, device="cpu"))
     assert record["checkpoint"]["kind"] == "project" and record["vae"] is None and record["image_size"] == 8
@@ -269,6 +292,17 @@ def test_project_checkpoint_samples_its_ema_weights(tmp_path):
     x = sample(ema.eval(), Diffusion(cfg.diffusion), y, (6, 1, 8, 8), num_steps=2, clip_denoised=True,
                generator=torch.Generator().manual_seed(batch_seed(0, 0)))
     assert np.array_equal(np.load(record["npz"])["arr_0"], to_uint8(x).permute(0, 2, 3, 1).numpy())
+
+
+def test_project_checkpoint_scored_against_its_own_data(tmp_path, capsys):  # ~5 s: trains the domain classifier
+    path = tmp_path / "step_0000010.pt"
+    project_checkpoint(path)
+    assert sm.main([str(path), "--protocol", "study", "--num-samples", "20", "--ref", "dataset", "--backend",
+                    "domain", "--num-ref", "200", "--out", str(tmp_path / "out"), *FAST]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["metrics"]) == {"fd20_domain", "is20_domain", "precision20_domain", "recall20_domain"}
+    assert out["metrics"]["fd20_domain"] > 0 and out["reference"]["kind"] == "dataset"
+    assert out["reference"]["dataset"] == "animal_mnist" and out["reference"]["num_images"] == 200
 
 
 # ----------------------------------------------------------------------------- the command line
