@@ -411,7 +411,7 @@ def read_latent_meta(cfg: DataConfig) -> dict:
 
 
 class LatentDataset(Dataset):
-    """Cached latents (written by `encode_latents`), read through a memory map.
+    """Cached latents (written by `scaling.encode.encode_latents`), read through a memory map.
 
     `dataset[i]` is the latent of image i; `dataset.get(i, flip=True)` the latent of its horizontal flip.
     """

@@ -139,8 +139,8 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
     uniformly at random per sample from one generator seeded by `seed`, as DiT's sample_ddp.py). precision: "fp32",
     "tf32" (fp32 with TF32 matmuls on GPUs, sample_ddp.py's default) or "bf16" (autocast of the model forward; the
     diffusion arithmetic and the VAE decode stay fp32). Batch b draws its noise from a generator seeded by
-    (seed, b), so the result does not depend on interruptions or on the number of ranks. Each batch is written as a shard in
-    `<out>.parts/`; a rerun skips shards that exist, then the shards are assembled and removed. With
+    (seed, b), so the result does not depend on interruptions or on the number of ranks. Each batch is written
+    as a shard in `<out>.parts/`; a rerun skips shards that exist, then the shards are assembled and removed. With
     torch.distributed (distributed=None: when initialised) rank r draws batches r, r + world, ... and rank 0
     assembles after a barrier. Latent models are decoded through `vae`.
     """
