@@ -139,9 +139,8 @@ def validate_sample(cfg: SampleConfig) -> None:
     if not Path(cfg.checkpoint).is_file():
         raise ValueError(f"checkpoint {cfg.checkpoint!r} is not a file; allowed: a DiT state dict (e.g. "
                          f"DiT-XL-2-256x256.pt) or a checkpoint of this project (<run>/checkpoints/step_N.pt)")
-    if cfg.image_size is not None and (cfg.image_size < 8 or cfg.image_size % 8):
-        raise ValueError(f"--image-size={cfg.image_size}; allowed: a multiple of 8 (the SD VAE downsamples by 8), "
-                         f"e.g. 256 or 512")
+    if cfg.image_size is not None and cfg.image_size < 1:
+        raise ValueError(f"--image-size={cfg.image_size}; allowed: an integer >= 1 (a multiple of 8 for latent models)")
     for key in ("num_samples", "batch_size", "sampling_steps", "num_ref"):
         value = getattr(cfg, key)
         if value is not None and value < 1:
@@ -266,6 +265,9 @@ def load_checkpoint_for_sampling(cfg: SampleConfig) -> Loaded:
         raise ValueError(f"checkpoint {cfg.checkpoint!r}: depth {info['depth']} width {info['hidden_size']} is no "
                          f"preset; allowed: --model one of {', '.join(MODELS)}")
     factor = 1 if pixel else 8
+    if cfg.image_size is not None and cfg.image_size % factor:
+        raise ValueError(f"--image-size={cfg.image_size}; allowed: a multiple of 8 (the SD VAE downsamples by 8), "
+                         f"e.g. 256 or 512")
     input_size = cfg.image_size // factor if cfg.image_size else info["input_size"]
     model = model_for_weights(sd, name, patch, input_size, block=block, class_dropout=dropout,
                               source=f"checkpoint {cfg.checkpoint!r}")
