@@ -62,6 +62,7 @@ class AdmReference:
 
 def read_adm_reference(path) -> AdmReference:
     """Read a reference batch, with one-line ValueErrors for a file that is not one."""
+    from scaling.evaluate import npz_array
     from scaling.features import file_sha256
 
     p = Path(path).expanduser()
@@ -74,7 +75,8 @@ def read_adm_reference(path) -> AdmReference:
         if missing:
             raise ValueError(f"reference batch {str(path)!r} lacks {', '.join(missing)} (has {', '.join(f.files)}); "
                              f"allowed: an ADM reference batch with {', '.join(REQUIRED_KEYS)}")
-        images, mu, sigma = f["arr_0"], f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    images = npz_array(p, "arr_0")  # (N, H, W, 3) uint8, memory-mapped
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"reference batch {str(path)!r}: arr_0 is {images.dtype} {images.shape}; allowed: uint8 "
                          f"(N, H, W, 3)")
@@ -167,6 +169,7 @@ def fd_reference_images(ref: AdmReference, space, *, cuda: bool | None = None, p
 
 
 def main(argv=None) -> int:
+    from scaling.evaluate import npz_array
     from scaling.features import BACKENDS, MissingWeights, build_extractor
 
     p = argparse.ArgumentParser(prog="python -m scaling.adm", description=__doc__.splitlines()[0])
@@ -190,8 +193,7 @@ def main(argv=None) -> int:
                    "reference": ref.describe(), "feature_extractor": space.backend,
                    "feature_weights_sha": space.weights_sha[:16]}
         else:
-            with np.load(args.samples) as f:
-                out = score_against_adm(f["arr_0"], ref, space)
+            out = score_against_adm(npz_array(args.samples), ref, space)
             out["npz"] = args.samples
     except (ValueError, MissingWeights, FileNotFoundError) as e:
         print(f"python -m scaling.adm: error: {e}", file=sys.stderr)

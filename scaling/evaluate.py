@@ -152,6 +152,28 @@ def concat_npz(path: Path, shards: list, keys: tuple) -> None:
     os.replace(tmp, path)
 
 
+def npz_array(path, key: str = "arr_0") -> np.ndarray:
+    """`key` of an .npz as a read-only memory map when it is stored uncompressed (np.savez, concat_npz, the ADM
+    reference batches), so 50K images are not read into memory at once; else the array itself."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with np.load(path) as f:
+                return f[key]
+        with z.open(info) as fp:
+            version = np.lib.format.read_magic(fp)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(fp)
+            npy_header = fp.tell()
+    with open(path, "rb") as f:  # the member's data starts after its local file header (30 bytes + name + extra)
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+    offset = info.header_offset + 30 + name_len + extra_len + npy_header
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
 @torch.no_grad()
 def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler: str = "ddpm",
                   sampling_steps: int = 250, cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 256,
@@ -264,7 +286,7 @@ class UInt8Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1)  # a writable copy (of a memory map)
 
 
 class ReferenceImages(Dataset):

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from scaling.diffusion import DiffusionConfig
-from scaling.evaluate import LABEL_SAMPLING, SAMPLERS, SAMPLING_PRECISIONS, sample_to_npz, save_grid
+from scaling.evaluate import LABEL_SAMPLING, SAMPLERS, SAMPLING_PRECISIONS, npz_array, sample_to_npz, save_grid
 from scaling.features import BACKENDS
 from scaling.models import MODELS, build_model
 
@@ -311,9 +311,7 @@ def score(npz: Path, cfg: SampleConfig, loaded: Loaded, device: torch.device) ->
 
     ref = read_adm_reference(cfg.ref)
     space = build_extractor(cfg.backend, inception_weights=cfg.inception_weights)
-    with np.load(npz) as f:
-        images = f["arr_0"]
-    return score_against_adm(images, ref, space, cuda=device.type == "cuda")
+    return score_against_adm(npz_array(npz), ref, space, cuda=device.type == "cuda")
 
 
 def run_sampling(cfg: SampleConfig) -> dict:
@@ -381,8 +379,7 @@ def run_sampling(cfg: SampleConfig) -> dict:
               "predicted": predicted, "metrics": None, "reference": None}
     if rank != 0:
         return record
-    with np.load(npz) as f:
-        save_grid(f["arr_0"][:64], out_dir / f"{tag}.png")
+    save_grid(np.array(npz_array(npz)[:64]), out_dir / f"{tag}.png")  # a copy: torch wants writable arrays
     if todo:
         record["img_per_s"] = (num_samples - drawn_before) / max(sample_wall_s, 1e-9)  # drawn by this call
         record["resumed_from_img"] = drawn_before
