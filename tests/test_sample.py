@@ -13,6 +13,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 import scaling.adm as adm
 import scaling.diffusion
+import scaling.evaluate as ev
 import scaling.sample as sm
 from helpers import randomize_
 from scaling.data import load_vae
@@ -225,10 +226,20 @@ def test_release_weights_to_scored_adm_npz(tmp_path, release_file, tiny_vae_dir,
     assert check["reference"]["sha256"] == record["reference"]["sha256"]
 
 
+def fast_config(release_file, vae, out, batch_size) -> sm.SampleConfig:
+    """paper_fid50k at 2 steps, 10 images, on the CPU."""
+    return sm.SampleConfig(str(release_file), out=str(out), protocol="paper_fid50k", num_samples=10,
+                           batch_size=batch_size, sampling_steps=2, vae=vae, device="cpu")
+
+
+def same_npz(a, b) -> bool:
+    with np.load(a) as x, np.load(b) as y:
+        return np.array_equal(x["arr_0"], y["arr_0"]) and np.array_equal(x["arr_1"], y["arr_1"])
+
+
 def test_killed_run_resumes_to_the_same_npz(tmp_path, release_file, tiny_vae_dir, monkeypatch):
     def cfg(out):
-        return sm.SampleConfig(str(release_file), out=str(out), protocol="paper_fid50k", num_samples=10,
-                               batch_size=4, sampling_steps=2, vae=tiny_vae_dir, device="cpu")
+        return fast_config(release_file, tiny_vae_dir, out, batch_size=4)
 
     whole = sm.run_sampling(cfg(tmp_path / "a"))
     calls, real_sample = [], scaling.diffusion.sample
@@ -246,25 +257,19 @@ def test_killed_run_resumes_to_the_same_npz(tmp_path, release_file, tiny_vae_dir
     monkeypatch.setattr(scaling.diffusion, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
     resumed = sm.run_sampling(cfg(tmp_path / "b"))  # the same command again
     assert len(calls) == 1 and resumed["resumed_from_img"] == 8  # only the last chunk is drawn
-    with np.load(whole["npz"]) as a, np.load(resumed["npz"]) as b:
-        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert same_npz(whole["npz"], resumed["npz"])
 
 
 def test_images_do_not_depend_on_the_number_of_gpus(tmp_path, release_file, tiny_vae_dir, monkeypatch):
-    import scaling.evaluate as ev
-
     def cfg(out):
-        return sm.SampleConfig(str(release_file), out=str(out), protocol="paper_fid50k", num_samples=10,
-                               batch_size=3, sampling_steps=2, vae=tiny_vae_dir, device="cpu")
+        return fast_config(release_file, tiny_vae_dir, out, batch_size=3)
 
     one = sm.run_sampling(cfg(tmp_path / "one"))
     monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
     for rank in (1, 0):  # two "GPUs": rank 1 draws chunks 1 and 3, rank 0 draws 0 and 2 and assembles
         monkeypatch.setattr(ev, "_dist", lambda r=rank: (r, 2))
         two = sm.run_sampling(cfg(tmp_path / "two"))
-    assert two["world_size"] == 2
-    with np.load(one["npz"]) as a, np.load(two["npz"]) as b:
-        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
+    assert two["world_size"] == 2 and same_npz(one["npz"], two["npz"])
 
 
 def project_checkpoint(path):
