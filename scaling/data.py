@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import pickle
-import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -414,7 +414,7 @@ def read_latent_meta(cfg: DataConfig) -> dict:
 
 
 class LatentDataset(Dataset):
-    """Cached latents (written by `encode_latents`), read through a memory map.
+    """Cached latents (written by `scaling.encode.encode_latents`), read through a memory map.
 
     `dataset[i]` is the latent of image i; `dataset.get(i, flip=True)` the latent of its horizontal flip.
     """
@@ -447,117 +447,29 @@ class LatentDataset(Dataset):
         return self.get(i, False)
 
 
-class _Indexed(Dataset):
-    def __init__(self, folder: ImageFolder):
-        self.folder = folder
-
-    def __len__(self):
-        return len(self.folder)
-
-    def __getitem__(self, i):
-        x, y, j = self.folder.item(i)
-        return x, y, j, i
-
-
-def encode_latents(cfg: DataConfig, out_dir, batch_size: int = 64, device="cpu", num_workers: int = 0) -> Path:
-    """Encode the image folder at cfg.path once through the VAE cfg.vae into out_dir (the fast-DiT speed-up).
-
-    Writes latents.npy and latents_flipped.npy (N, 4, S/8, S/8) float16: the posterior mean x latent_scale of
-    each image and of its horizontal flip (the mean, not a sample, so the cache is deterministic; the SD VAE's
-    posterior std is small), labels.npy (N,) int64 and meta.json. At 256 px ImageNet takes ~21 GB. The
-    directory appears atomically (written as .<out>.tmp-<pid> beside it, then renamed; a killed encode leaves
-    only that temporary directory, safe to delete); an existing complete encoding with the same settings is
-    returned as is.
-    """
-    check_config(DataConfig(name="latents", path=cfg.path, image_size=cfg.image_size,
-                            latent_scale=cfg.latent_scale, max_images=cfg.max_images))
-    out = Path(out_dir)
-    if (out / "meta.json").is_file():
-        meta = json.loads((out / "meta.json").read_text())
-        same = {"image_size": cfg.image_size, "latent_scale": cfg.latent_scale, "vae": cfg.vae,
-                "source": str(Path(cfg.path).resolve()), "max_images": cfg.max_images}
-        if all(meta.get(k) == v for k, v in same.items()):
-            return out
-        raise ValueError(f"out_dir={str(out)!r} holds latents of other settings ({ {k: meta.get(k) for k in same} }"
-                         f"); remove it or choose another directory")
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"out_dir={str(out)!r} exists and is not an encoding (no meta.json); remove it or choose "
-                         f"another directory")
-    folder = ImageFolder(cfg.path, cfg.image_size, cfg.max_images)
-    folder.check_readable()
-    vae = load_vae(cfg.vae, device)
-    n, size = len(folder), cfg.image_size // VAE_DOWNSAMPLE
-    channels = vae.config.latent_channels
-
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shape = (n, channels, size, size)
-    z = np.lib.format.open_memmap(tmp / "latents.npy", mode="w+", dtype=np.float16, shape=shape)
-    z_flip = np.lib.format.open_memmap(tmp / "latents_flipped.npy", mode="w+", dtype=np.float16, shape=shape)
-    labels = np.empty(n, dtype=np.int64)
-    corrupt = []
-    loader = DataLoader(_Indexed(folder), batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    with torch.no_grad():
-        for x, y, used, asked in tqdm(loader, desc="encode latents", unit="batch"):
-            x = x.to(device)  # (B, 3, S, S)
-            mean = vae.encode(torch.cat([x, x.flip(-1)])).latent_dist.mean * cfg.latent_scale  # (2B, 4, S/8, S/8)
-            if mean.shape[1:] != shape[1:]:
-                raise ValueError(f"data.vae={cfg.vae!r} gives latents {tuple(mean.shape[1:])} at image_size "
-                                 f"{cfg.image_size}; expected {shape[1:]} (a VAE that downsamples by 8)")
-            mean = mean.float().cpu().numpy().astype(np.float16)
-            b, lo = x.shape[0], int(asked[0])
-            z[lo:lo + b], z_flip[lo:lo + b], labels[lo:lo + b] = mean[:b], mean[b:], y.numpy()
-            corrupt += [str(folder.files[int(a)]) for a, u in zip(asked, used) if int(a) != int(u)]
-    z.flush(), z_flip.flush()
-    del z, z_flip
-    np.save(tmp / "labels.npy", labels)
-    meta = {"image_size": cfg.image_size, "latent_size": size, "channels": channels, "count": n,
-            "latent_scale": cfg.latent_scale, "vae": cfg.vae, "posterior": "mean", "dtype": "float16",
-            "files": {"latents": "latents.npy", "flipped": "latents_flipped.npy", "labels": "labels.npy"},
-            "class_names": list(folder.class_names), "source": str(Path(cfg.path).resolve()),
-            "max_images": cfg.max_images, "num_corrupt": len(corrupt), "corrupt_files": corrupt[:1000]}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    os.replace(tmp, out)
-    return out
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["encode"]:  # the encode job lives in scaling.encode (sharded, resumable)
+        from scaling.encode import main as encode_main
+
+        return encode_main(argv[1:], prog="python -m scaling.data encode")
     p = argparse.ArgumentParser(prog="python -m scaling.data", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    enc = sub.add_parser("encode", help="encode an image folder into VAE latents (data.name=latents)")
-    enc.add_argument("--path", required=True, help="image folder root/<class>/<image>")
-    enc.add_argument("--out", required=True, help="output directory (data.path for data.name=latents)")
-    enc.add_argument("--image-size", type=int, default=256)
-    enc.add_argument("--vae", default=DataConfig.vae, help="local diffusers directory or hub id")
-    enc.add_argument("--latent-scale", type=float, default=DataConfig.latent_scale)
-    enc.add_argument("--max-images", type=int, default=None)
-    enc.add_argument("--batch-size", type=int, default=64)
-    enc.add_argument("--num-workers", type=int, default=4)
-    enc.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    sub.add_parser("encode", add_help=False, help="encode an image folder into VAE latents (data.name=latents), "
+                                                  "sharded and resumable: python -m scaling.data encode --help")
     info = sub.add_parser("describe", help="print what the model sees for a dataset, and where it comes from")
     info.add_argument("--name", default="animal_mnist", choices=DATASETS)
     info.add_argument("--path", default=None)
     info.add_argument("--image-size", type=int, default=32)
     args = p.parse_args(argv)
-    if args.cmd == "encode":
-        cfg = DataConfig(name="image_folder", path=args.path, image_size=args.image_size, vae=args.vae,
-                         latent_scale=args.latent_scale, max_images=args.max_images)
-        out = encode_latents(cfg, args.out, batch_size=args.batch_size, device=args.device,
-                             num_workers=args.num_workers)
-        print(json.dumps({k: v for k, v in json.loads((out / "meta.json").read_text()).items()
-                          if k not in ("class_names", "corrupt_files")}, indent=1))
-        print(f"train on it with: data=imagenet_latents data.path={out}")
-    else:
-        print(json.dumps(describe(DataConfig(name=args.name, path=args.path, image_size=args.image_size))))
-        if args.name in ("animal_mnist", "digits"):
-            print(PROVENANCE)
+    print(json.dumps(describe(DataConfig(name=args.name, path=args.path, image_size=args.image_size))))
+    if args.name in ("animal_mnist", "digits"):
+        print(PROVENANCE)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

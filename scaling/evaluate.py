@@ -31,6 +31,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 SAMPLERS = ("ddpm", "ddim")
+LABEL_SAMPLING = ("balanced", "uniform")        # class labels of the samples (sample_to_npz)
+SAMPLING_PRECISIONS = ("fp32", "tf32", "bf16")  # the model forward while sampling (sample_to_npz)
+SAMPLING_DEFAULTS = {"labels": "balanced", "precision": "fp32"}
 PRC_NEIGHBOURHOOD = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019; ADM's evaluator uses k = 3)
 DEFAULT_NUM_REF = 10_000
 
@@ -126,17 +129,69 @@ def _save_npz(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
+def concat_npz(path: Path, shards: list, keys: tuple) -> None:
+    """Write `keys` of the .npz files `shards`, concatenated along axis 0, as one .npz (what np.savez writes),
+    streaming one shard at a time: 50K images at 512 px are 39 GB, more than a node's memory twice over."""
+    import zipfile
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key in keys:
+            heads = []
+            for shard in shards:  # (dtype, shape) from each .npy header, without reading the array
+                with zipfile.ZipFile(shard) as z, z.open(f"{key}.npy") as fp:
+                    version = np.lib.format.read_magic(fp)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(fp)
+                heads.append((dtype, shape))
+            header = {"descr": np.lib.format.dtype_to_descr(heads[0][0]), "fortran_order": False,
+                      "shape": (sum(shape[0] for _, shape in heads), *heads[0][1][1:])}
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array_header_2_0(out, header)
+                for shard in shards:
+                    with np.load(shard) as f:
+                        out.write(np.ascontiguousarray(f[key], dtype=heads[0][0]).tobytes())
+    os.replace(tmp, path)
+
+
+def npz_array(path, key: str = "arr_0") -> np.ndarray:
+    """`key` of an .npz as a read-only memory map when it is stored uncompressed (np.savez, concat_npz, the ADM
+    reference batches), so 50K images are not read into memory at once; else the array itself."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with np.load(path) as f:
+                return f[key]
+        with z.open(info) as fp:
+            version = np.lib.format.read_magic(fp)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(fp)
+            npy_header = fp.tell()
+    with open(path, "rb") as f:  # the member's data starts after its local file header (30 bytes + name + extra)
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+    offset = info.header_offset + 30 + name_len + extra_len + npy_header
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+
+
 @torch.no_grad()
 def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler: str = "ddpm",
                   sampling_steps: int = 250, cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 256,
                   out_path, vae=None, latent_scale: float = 0.18215, guide_channels: Optional[int] = None,
-                  device=None, distributed: Optional[bool] = None, progress: bool = True) -> Path:
+                  labels: str = "balanced", precision: str = "fp32", device=None,
+                  distributed: Optional[bool] = None, progress: bool = True) -> Path:
     """Draw `num_samples` class-conditional samples into `out_path`, the ADM batch .npz:
     arr_0 (N, H, W, 3) uint8 (grey repeated to 3 channels), arr_1 (N,) int64 labels.
 
-    Labels are balanced (`balanced_labels`); batch b draws its noise from a generator seeded by (seed, b), so the
-    result does not depend on interruptions or on the number of ranks. Each batch is written as a shard in
-    `<out>.parts/`; a rerun skips shards that exist, then the shards are assembled and removed. With
+    labels: "balanced" (`balanced_labels`: every class equally often, the scaling study) or "uniform" (drawn
+    uniformly at random per sample from one generator seeded by `seed`, as DiT's sample_ddp.py). precision: "fp32",
+    "tf32" (fp32 with TF32 matmuls on GPUs, sample_ddp.py's default) or "bf16" (autocast of the model forward; the
+    diffusion arithmetic and the VAE decode stay fp32). Batch b draws its noise from a generator seeded by
+    (seed, b), so the result does not depend on interruptions or on the number of ranks. Each batch is written
+    as a shard in `<out>.parts/`; a rerun skips shards that exist, then the shards are assembled and removed. With
     torch.distributed (distributed=None: when initialised) rank r draws batches r, r + world, ... and rank 0
     assembles after a barrier. Latent models are decoded through `vae`.
     """
@@ -150,8 +205,13 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
     rank, world = (0, 1) if distributed is False else _dist()
     device = torch.device(device or next(model.parameters()).device)
     parts = out_path.with_name(out_path.name + ".parts")
+    if labels not in LABEL_SAMPLING:
+        raise ValueError(f"labels={labels!r}; allowed: {', '.join(LABEL_SAMPLING)}")
+    if precision not in SAMPLING_PRECISIONS:
+        raise ValueError(f"precision={precision!r}; allowed: {', '.join(SAMPLING_PRECISIONS)}")
     spec = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed, "sampler": sampler,
             "sampling_steps": sampling_steps, "cfg_scale": float(cfg_scale), "guide_channels": guide_channels}
+    spec.update({k: v for k, v in (("labels", labels), ("precision", precision)) if v != SAMPLING_DEFAULTS[k]})
     parts.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         spec_file = parts / "spec.json"
@@ -165,21 +225,31 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
 
     diffusion = Diffusion(diffusion_cfg)
     model.eval()
-    labels = balanced_labels(num_samples, plan["num_classes"], seed)
+    all_labels = (balanced_labels(num_samples, plan["num_classes"], seed) if labels == "balanced" else
+                  torch.randint(0, plan["num_classes"], (num_samples,), generator=torch.Generator().manual_seed(seed)))
     num_batches = -(-num_samples // batch_size)
     mine = [b for b in range(rank, num_batches, world) if not (parts / f"batch_{b:06d}.npz").is_file()]
     shape = (plan["in_channels"], plan["input_size"], plan["input_size"])
-    for b in tqdm(mine, desc=f"sample {sampler}{sampling_steps} (rank {rank})", unit="batch",
-                  disable=not progress or rank != 0):
-        y = labels[b * batch_size:(b + 1) * batch_size].to(device)
-        g = torch.Generator(device).manual_seed(batch_seed(seed, b))
-        x = sample(model, diffusion, y, (len(y), *shape), sampler=sampler, num_steps=sampling_steps,
-                   cfg_scale=cfg_scale, guide_channels=guide_channels, generator=g,
-                   clip_denoised=plan.get("pixel_space", True))               # (B, C, h, w) model space
-        if not plan.get("pixel_space", True):
-            x = decode_latents(vae, x, latent_scale)                            # (B, 3, H, W) in [-1, 1]
-        images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()                 # (B, H, W, 3) uint8
-        _save_npz(parts / f"batch_{b:06d}.npz", arr_0=images, arr_1=y.cpu().numpy())
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    bar = tqdm(total=sum(min(batch_size, num_samples - b * batch_size) for b in mine), unit="img",
+               desc=f"sample {sampler}{sampling_steps} (rank {rank} of {world})", disable=not progress or rank != 0)
+    try:
+        for b in mine:
+            y = all_labels[b * batch_size:(b + 1) * batch_size].to(device)
+            g = torch.Generator(device).manual_seed(batch_seed(seed, b))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                x = sample(model, diffusion, y, (len(y), *shape), sampler=sampler, num_steps=sampling_steps,
+                           cfg_scale=cfg_scale, guide_channels=guide_channels, generator=g,
+                           clip_denoised=plan.get("pixel_space", True))       # (B, C, h, w) model space
+            if not plan.get("pixel_space", True):
+                x = decode_latents(vae, x, latent_scale)                        # (B, 3, H, W) in [-1, 1]
+            images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()             # (B, H, W, 3) uint8
+            _save_npz(parts / f"batch_{b:06d}.npz", arr_0=images, arr_1=y.cpu().numpy())
+            bar.update(len(y))  # tqdm shows img/s and the ETA of this rank's share
+    finally:
+        bar.close()
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
@@ -187,9 +257,7 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
         if missing:
             raise RuntimeError(f"{len(missing)} sample shards missing in {parts} (first: batch {missing[0]}); "
                                f"rerun to draw them")
-        shards = [np.load(parts / f"batch_{b:06d}.npz") for b in range(num_batches)]
-        _save_npz(out_path, arr_0=np.concatenate([s["arr_0"] for s in shards]),
-                  arr_1=np.concatenate([s["arr_1"] for s in shards]))
+        concat_npz(out_path, [parts / f"batch_{b:06d}.npz" for b in range(num_batches)], ("arr_0", "arr_1"))
         for b in range(num_batches):
             (parts / f"batch_{b:06d}.npz").unlink()
         (parts / "spec.json").unlink()
@@ -221,7 +289,7 @@ class UInt8Images(Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
+        return torch.from_numpy(np.array(self.images[i])).permute(2, 0, 1)  # a writable copy (of a memory map)
 
 
 class ReferenceImages(Dataset):

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import pickle
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,8 +13,8 @@ import torch
 from PIL import Image
 
 from scaling.data import (DataConfig, LatentDataset, build_dataset, center_crop_arr, decode_latents, describe,
-                          encode_latents, load_animal_mnist, load_image, load_vae, main, random_flip,
-                          restricted_load)
+                          load_animal_mnist, load_image, load_vae, main, random_flip, restricted_load)
+from scaling.encode import EncodeConfig, encode_latents
 
 
 def _raw_animal_images():
@@ -215,23 +216,11 @@ def test_unreadable_folder_fails_at_build(tmp_path):
 # ----------------------------------------------------------------------------- latents
 
 
-@pytest.fixture(scope="module")
-def tiny_vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        latent_channels=4, norm_num_groups=4, layers_per_block=1)
-    path = tmp_path_factory.mktemp("vae")
-    vae.save_pretrained(path)
-    return str(path)
-
-
 def test_encode_latents_roundtrip(tmp_path, tiny_vae_dir):
     root = _write_folder(tmp_path / "images", classes=("zebra", "ant"), per_class=3, size=(40, 32))
-    cfg = DataConfig(name="image_folder", path=str(root), image_size=16, vae=tiny_vae_dir)
-    out = encode_latents(cfg, tmp_path / "latents", batch_size=4)
+    cfg = EncodeConfig(path=str(root), out=str(tmp_path / "latents"), image_size=16, vae=tiny_vae_dir, batch_size=4,
+                       num_workers=0, device="cpu")
+    out = encode_latents(cfg)
     assert sorted(os.listdir(tmp_path)) == ["images", "latents"]  # no temporary directory left
     meta = json.loads((out / "meta.json").read_text())
     assert meta["image_size"] == 16 and meta["latent_size"] == 2 and meta["count"] == 6 and meta["channels"] == 4
@@ -271,25 +260,26 @@ def test_encode_latents_roundtrip(tmp_path, tiny_vae_dir):
 
     # encoding again with the same settings is a no-op; other settings are refused
     mtime = os.stat(out / "latents.npy").st_mtime_ns
-    assert encode_latents(cfg, out) == out and os.stat(out / "latents.npy").st_mtime_ns == mtime
+    assert encode_latents(cfg) == out and os.stat(out / "latents.npy").st_mtime_ns == mtime
     with pytest.raises(ValueError, match="holds latents of other settings"):
-        encode_latents(DataConfig(name="image_folder", path=str(root), image_size=24, vae=tiny_vae_dir), out)
+        encode_latents(replace(cfg, image_size=24))
     with pytest.raises(ValueError, match="data.image_size=32 but the latents .* image_size 16"):
         describe(DataConfig(name="latents", path=str(out), image_size=32))
 
 
 def test_latent_errors(tmp_path, tiny_vae_dir):
     root = _write_folder(tmp_path / "images", classes=("a",), per_class=1)
+    cfg = EncodeConfig(path=str(root), out=str(tmp_path / "z"), image_size=20, vae=tiny_vae_dir, num_workers=0,
+                       device="cpu")
     with pytest.raises(ValueError, match="data.image_size=20 must be divisible by 8"):
-        encode_latents(DataConfig(name="image_folder", path=str(root), image_size=20, vae=tiny_vae_dir),
-                       tmp_path / "z")
+        encode_latents(cfg)
     with pytest.raises(ValueError, match="data.image_size=20 must be divisible by 8"):
         describe(DataConfig(name="latents", path=str(root), image_size=20))
     with pytest.raises(ValueError, match="holds no encoded latents"):
         build_dataset(DataConfig(name="latents", path=str(root), image_size=16))
     bad = str(tmp_path / "no_vae_here")
     with pytest.raises(ValueError, match="data.vae=.*no_vae_here.* cannot be loaded.*local directory"):
-        encode_latents(DataConfig(name="image_folder", path=str(root), image_size=16, vae=bad), tmp_path / "z")
+        encode_latents(replace(cfg, image_size=16, vae=bad))
     assert not (tmp_path / "z").exists()
 
 

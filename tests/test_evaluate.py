@@ -93,6 +93,31 @@ def test_samples_npz_has_the_adm_layout(tmp_path):
     assert not (tmp_path / "s.npz.parts").exists()  # shards are removed after assembly
 
 
+def test_concat_npz_streams_shards_into_one_npz(tmp_path):
+    g = np.random.default_rng(0)
+    parts = [{"arr_0": g.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8), "arr_1": np.arange(n, dtype=np.int64) + n}
+             for n in (3, 1, 5)]
+    for k, part in enumerate(parts):
+        np.savez(tmp_path / f"{k}.npz", **part)
+    ev.concat_npz(tmp_path / "all.npz", [tmp_path / f"{k}.npz" for k in range(3)], ("arr_0", "arr_1"))
+    with np.load(tmp_path / "all.npz") as f:
+        assert sorted(f.files) == ["arr_0", "arr_1"]
+        for key in ("arr_0", "arr_1"):
+            want = np.concatenate([p[key] for p in parts])
+            assert f[key].dtype == want.dtype and np.array_equal(f[key], want)
+
+
+def test_npz_array_maps_stored_members_and_reads_compressed_ones(tmp_path):
+    a = np.random.default_rng(1).integers(0, 256, (5, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "s.npz", mu=np.zeros(3), arr_0=a, arr_1=np.arange(5))
+    np.savez_compressed(tmp_path / "c.npz", arr_0=a)
+    ev.concat_npz(tmp_path / "cat.npz", [tmp_path / "s.npz"], ("arr_0", "arr_1"))
+    for name, mapped in (("s.npz", True), ("c.npz", False), ("cat.npz", True)):
+        got = ev.npz_array(tmp_path / name)
+        assert isinstance(got, np.memmap) == mapped and np.array_equal(got, a)
+    assert np.array_equal(ev.npz_array(tmp_path / "cat.npz", "arr_1"), np.arange(5))
+
+
 def test_sampling_resumes_from_shards_and_gives_the_same_array(tmp_path):
     kw = dict(**FAST, seed=3, batch_size=4, device="cpu", progress=False)
     whole = CountingModel(tiny_model())
