@@ -5,7 +5,8 @@
 
 Kill trials: a 60-step laptop_s/8 run (checkpoint every 5 steps) is started with `python -m scaling.train`,
 killed with SIGKILL at a random moment (during start-up, a step, a checkpoint save) one to three times, then run to
-the end. Each trial checks, against one uninterrupted run: every checkpoint loads with `weights_only=True`
+the end (the kill moments are uniform over the wall time of an uninterrupted run: start-up, steps and checkpoint
+saves alike). Each trial checks, against one uninterrupted run: every checkpoint loads with `weights_only=True`
 (corrupt), the final model, EMA and optimizer state are equal to the bit (differ), metrics.jsonl holds steps
 1..60 once each in order (bad rows), no temporary file and no lease are left (temp left).
 
@@ -69,12 +70,13 @@ def states_equal(a: dict, b: dict) -> bool:
                                           for k in fa)
 
 
-def kill_trial(output_root: Path, rng: random.Random, reference: dict) -> dict:
-    """Kill a run 1-3 times at random moments, finish it, check it; counts of each kind of damage."""
+def kill_trial(output_root: Path, rng: random.Random, reference: dict, wall_s: float) -> dict:
+    """Kill a run 1-3 times at random moments within the wall time `wall_s` of an uninterrupted run (start-up,
+    steps and checkpoint saves alike), finish it, check it; counts of each kind of damage."""
     kills, during_start = 0, 0
     for _ in range(rng.randint(1, 3)):
         proc = start(output_root)
-        delay = rng.uniform(0.2, 7.0)  # start-up takes ~3-4 s here, the 60 steps ~2 s after it
+        delay = rng.uniform(0.1, wall_s)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -159,18 +161,20 @@ def chaos(trials: int, races: int, seed: int = 0, work: Path | None = None) -> d
     work = Path(work or tempfile.mkdtemp(prefix="dit-chaos-"))
     rng = random.Random(seed)
     ref_root = work / "reference"
+    t0 = time.monotonic()
     if start(ref_root).wait(timeout=600) != 0:
         raise RuntimeError("the uninterrupted reference run failed")
+    wall_s = time.monotonic() - t0
     reference = final_state(run_dir(ref_root))
     rows = []
     for i in range(trials):
-        rows.append(kill_trial(work / f"trial{i}", rng, reference))
+        rows.append(kill_trial(work / f"trial{i}", rng, reference, wall_s))
         print(f"[chaos] trial {i + 1}/{trials}: {rows[-1]}", flush=True)
     run = RunDir(work / "race").create()
     fresh = one_holder(race(run, 2, races, stale=False))
     stale = one_holder(race(run, 2, races, stale=True))
     total = lambda k: sum(r[k] for r in rows)
-    summary = {"trials": trials, "kills": total("kills"), "kills_during_start": total("during_start"),
+    summary = {"trials": trials, "reference_wall_s": round(wall_s, 1), "kills": total("kills"), "kills_during_start": total("during_start"),
                "corrupt": total("corrupt"), "differ": total("differ"), "bad_rows": total("bad_rows"),
                "temp_left": total("temp_left"), "not_done": trials - total("done"),
                "fresh_races": races, "fresh_one_holder": fresh[0], "fresh_crashes": fresh[1],
@@ -180,7 +184,8 @@ def chaos(trials: int, races: int, seed: int = 0, work: Path | None = None) -> d
 
 
 def summary_line(s: dict) -> str:
-    return (f"chaos: {s['trials']} trials, {s['kills']} SIGKILLs ({s['kills_during_start']} during start-up): "
+    return (f"chaos: {s['trials']} trials, {s['kills']} SIGKILLs at random moments of a {s['reference_wall_s']} s run "
+            f"({s['kills_during_start']} before its first metrics row): "
             f"{s['corrupt']} corrupt, {s['differ']} differ, {s['bad_rows']} with bad metric rows, "
             f"{s['temp_left']} temporary files or leases left, {s['not_done']} not done | lease races: fresh "
             f"{s['fresh_one_holder']}/{s['fresh_races']} one holder, {s['fresh_crashes']} crashes; stale "
