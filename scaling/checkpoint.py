@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from scaling.config import build_model_for, config_from_dict
 from scaling.rundir import RunDir, read_json, temp_tag, write_json
 
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -109,8 +110,6 @@ def load_model(run_dir, step: int | None = None, which: str = "ema"):
 
     `step=None` takes the newest checkpoint. Evaluation uses the EMA weights (paper section 4).
     """
-    from scaling.config import build_model_for, config_from_dict  # config imports this module's neighbours
-
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     steps = list_steps(run)
     if not steps:

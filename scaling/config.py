@@ -1,30 +1,121 @@
 """The whole-run config tree, its validation, the run id and the plan (derived quantities).
 
-Each module owns its config dataclass (`ModelConfig` in models.py, `DataConfig` in data.py, ...); `RunConfig`
-only composes them. Hydra builds a `RunConfig` from conf/ and the command line (scaling.launch); library code
-receives plain dataclasses, never Hydra objects.
+The model, data, diffusion and wandb modules own their config dataclasses (`ModelConfig` in models.py, ...);
+the training, evaluation and local-launcher settings live here (`TrainConfig`, `EvalConfig`,
+`LocalLauncherConfig`), with their validation, so that this module sits below the training job, the evaluation
+and the launch that use it (no import cycle). `RunConfig` composes them. Hydra builds a `RunConfig` from conf/
+and the command line (scaling.launch); library code receives plain dataclasses, never Hydra objects.
 """
 
 import hashlib
 import json
 import math
-import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
-from scaling.data import DataConfig
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from scaling.data import DataConfig, describe
 from scaling.diffusion import DiffusionConfig
-from scaling.evaluate import EvalConfig
-from scaling.models import BLOCKS, MODELS, ModelConfig
+from scaling.flops import closed_form_gflops, closed_form_params, count_params, gflops_per_img
+from scaling.models import BLOCKS, MODELS, ModelConfig, build_model
 from scaling.rundir import RunDir
 from scaling.tracking import MODES as WANDB_MODES
 from scaling.tracking import WandbConfig
-from scaling.train import DEVICES, PRECISIONS, TrainConfig
 
 # Settings that do not change what is trained: excluded from the run id, so that e.g. a longer horizon
 # (constant learning rate) or another checkpoint interval continues the same run.
 _NOT_TRAINING = {"train": ("steps", "ckpt_every", "log_every", "grid_every", "num_workers", "device")}
+
+
+# ----------------------------------------------------------------------------- training
+
+PRECISIONS = ("auto", "bf16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400_000         # horizon in optimizer steps (images = steps x batch_img)
+    batch_img: int = 256         # global batch, split evenly across ranks
+    lr: float = 1e-4             # AdamW, constant (paper section 4)
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False     # decay min(ema_decay, (1 + step) / (10 + step)): for runs much shorter than
+                                 # the EMA horizon 1 / (1 - decay), where the EMA would still hold the init
+    grad_clip: float = 0.0       # max global grad norm; 0 = off
+    precision: str = "auto"      # auto = bf16 autocast on GPUs that support it, else fp32
+    device: str = "auto"         # auto | cpu | cuda
+    compile: bool = False        # torch.compile the model (the checkpoint always holds the plain weights)
+    ckpt_every: int = 50_000     # steps between checkpoints (one is always written at the end)
+    log_every: int = 100         # steps between metrics.jsonl rows
+    grid_every: int = 0          # steps between EMA sample grids when evals are off; 0 = at checkpoints
+    num_workers: int = 0         # data loader processes (0: in-process, right for the in-memory datasets)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+SAMPLERS = ("ddpm", "ddim")
+BACKENDS = ("inception", "inception_offline", "domain")  # scaling.features builds each
+PRC_NEIGHBOURHOOD = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019; ADM's evaluator uses k = 3)
+DEFAULT_NUM_REF = 10_000
+
+
+@dataclass
+class EvalConfig:
+    backend: str = "domain"              # inception | inception_offline | domain (scaling.features)
+    num_samples: int = 1000              # generated images per evaluation (the paper: 50,000)
+    sampler: str = "ddpm"                # ddpm | ddim
+    sampling_steps: int = 250            # respaced steps (the paper: 250 DDPM steps)
+    cfg_scale: float = 1.0               # classifier-free guidance scale; 1.0 = off (the scaling study)
+    guide_channels: Optional[int] = None  # channels guided (None = all epsilon channels)
+    seed: int = 0                        # sampling seed: labels and noise of every batch derive from it
+    batch_size: int = 256                # images per sampling batch (per rank)
+    inline: bool = True                  # evaluate right after each checkpoint in local runs
+    every_ckpt: int = 1                  # evaluate the checkpoints at multiples of k x train.ckpt_every, and the last
+    inception_weights: Optional[str] = None  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
+    precision_recall: bool = True
+    kid: bool = False
+    export_npz: bool = True              # keep the samples .npz (ADM batch layout) in <run>/samples/
+    num_ref: int = DEFAULT_NUM_REF       # reference images from the training set (all when fewer)
+
+
+def validate_eval(cfg: EvalConfig) -> None:
+    """One-line ValueErrors naming the bad value and the allowed values."""
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"eval.backend={cfg.backend!r}; allowed: {', '.join(BACKENDS)}")
+    if cfg.sampler not in SAMPLERS:
+        raise ValueError(f"eval.sampler={cfg.sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    for key in ("num_samples", "sampling_steps", "batch_size", "every_ckpt", "num_ref"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) <= 0:
+            raise ValueError(f"eval.{key}={getattr(cfg, key)!r}; allowed: an integer >= 1")
+    if cfg.cfg_scale < 1.0:
+        raise ValueError(f"eval.cfg_scale={cfg.cfg_scale}; allowed: >= 1.0 (1.0 = no guidance)")
+    if cfg.inception_weights is not None and not Path(cfg.inception_weights).is_file():
+        raise ValueError(f"eval.inception_weights={cfg.inception_weights!r} is not a file; allowed: the path of "
+                         f"torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or null (download, online)")
+    if cfg.guide_channels is not None and cfg.guide_channels < 1:
+        raise ValueError(f"eval.guide_channels={cfg.guide_channels}; allowed: None or >= 1")
+    if cfg.precision_recall and min(cfg.num_samples, cfg.num_ref) <= PRC_NEIGHBOURHOOD:
+        raise ValueError(f"eval.num_samples={cfg.num_samples}, eval.num_ref={cfg.num_ref}: precision/recall with "
+                         f"k={PRC_NEIGHBOURHOOD} needs more than {PRC_NEIGHBOURHOOD} of each; allowed: >= "
+                         f"{PRC_NEIGHBOURHOOD + 1}, or eval.precision_recall=false")
+
+
+# ----------------------------------------------------------------------------- launching
+
+
+@dataclass
+class LocalLauncherConfig:           # conf/hydra/launcher/local.yaml
+    parallel: int = 0                # jobs at once; 0 = one per visible GPU, or 1 without a GPU
+    threads_per_job: int = 0         # CPU threads per job without a GPU; 0 = CPU cores / parallel
+
+
+# ----------------------------------------------------------------------------- the run
 
 
 @dataclass
@@ -49,8 +140,6 @@ def config_to_dict(cfg: RunConfig) -> dict:
 
 def config_from_dict(d: dict) -> RunConfig:
     """Rebuild a typed RunConfig from a plain dict (a checkpoint's or config.yaml); unknown keys fail."""
-    from omegaconf import OmegaConf
-
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), d))
 
 
@@ -74,19 +163,12 @@ def register_configs() -> None:
 
     Also the local launcher's schema (conf/hydra/launcher/local.yaml extends it), so that its keys are typed too.
     """
-    from hydra.core.config_store import ConfigStore
-
-    from scaling.launch import LocalLauncherConfig  # launch.py imports this module only inside functions
-
     ConfigStore.instance().store(name="base_config", node=RunConfig)
     ConfigStore.instance().store(group="hydra/launcher", name="local_schema", node=LocalLauncherConfig)
 
 
 def config_from_overrides(overrides: list[str]) -> RunConfig:
     """Compose conf/config.yaml with command-line overrides (`model=dit_b patch=2 train.steps=10`)."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         composed = compose(config_name="config", overrides=list(overrides))
@@ -98,8 +180,6 @@ def config_from_overrides(overrides: list[str]) -> RunConfig:
 
 def data_spec(data: DataConfig, require_data: bool = True) -> dict:
     """What the model sees, without loading the data: in_channels, input_size, num_classes, pixel_space."""
-    from scaling.data import describe
-
     return describe(data, require_data)
 
 
@@ -113,8 +193,6 @@ def run_id(cfg: RunConfig) -> str:
     keep = {k: d[k] for k in ("model", "patch", "block", "seed", "data", "diffusion", "train")}
     for group, keys in _NOT_TRAINING.items():
         keep[group] = {k: v for k, v in keep[group].items() if k not in keys}
-    from scaling.models import MODELS
-
     keep["shape"] = MODELS.get(cfg.model.name)  # a preset whose depth/width/heads change names a new run
     digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:8]
     return f"{cfg.model.name}-p{cfg.patch}-{cfg.block}-{cfg.data.name}{cfg.data.image_size}-s{cfg.seed}-{digest}"
@@ -125,8 +203,6 @@ def run_dir_for(cfg: RunConfig) -> RunDir:
 
 
 def build_model_for(cfg: RunConfig, spec: dict):
-    from scaling.models import build_model
-
     return build_model(cfg.model.name, cfg.patch, input_size=spec["input_size"], in_channels=spec["in_channels"],
                        num_classes=spec["num_classes"], learn_sigma=cfg.model.learn_sigma, block=cfg.block,
                        class_dropout=cfg.model.class_dropout)
@@ -139,8 +215,6 @@ def make_plan(cfg: RunConfig, device: str = "cpu", world_size: int = 1, count: s
     with one multiply-add counted as one flop as in the paper. `count="closed_form"` skips building the model
     (the dry run: the closed form agrees with fvcore within 0.5%, tests/test_flops.py).
     """
-    from scaling.flops import closed_form_gflops, closed_form_params, count_params, gflops_per_img
-
     spec = data_spec(cfg.data, require_data=count == "fvcore")  # the dry run plans without the data
     if count == "fvcore":
         model = build_model_for(cfg, spec)
@@ -198,8 +272,6 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.device={tc.device!r}; allowed: {', '.join(DEVICES)}")
     if cfg.wandb.mode not in WANDB_MODES:
         raise ValueError(f"wandb.mode={cfg.wandb.mode!r}; allowed: {', '.join(WANDB_MODES)}")
-    from scaling.evaluate import validate_eval
-
     validate_eval(cfg.eval)
     _check_writable(cfg.output_root)
 

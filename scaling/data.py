@@ -6,7 +6,7 @@
     digits        scikit-learn's 1,797 digits 8x8, 10 classes (CC BY 4.0)  (1, S, S) in [-1, 1]
     image_folder  root/<class>/<image>, ADM/DiT center crop to S           (3, S, S) in [-1, 1]
     latents       an image folder encoded once by the SD VAE (the paper's   (4, S/8, S/8) scaled latents
-                  setting; `python -m scaling.data encode`)
+                  setting; `python -m scaling.encode`)
 
 S = `DataConfig.image_size`. Every dataset yields `(x, y)`: x float32 `(C, H, W)`, y an int class label, and has
 `num_classes`, `channels`, `input_size` (the spatial size the model sees), `name` and `class_names`.
@@ -402,7 +402,7 @@ def read_latent_meta(cfg: DataConfig) -> dict:
     meta_path = Path(cfg.path) / "meta.json"
     if not meta_path.is_file():
         raise ValueError(f"data.path={cfg.path!r} holds no encoded latents (meta.json); encode an image folder "
-                         f"first: python -m scaling.data encode --path ROOT --out {cfg.path}")
+                         f"first: python -m scaling.encode --path ROOT --out {cfg.path}")
     meta = json.loads(meta_path.read_text())
     if meta["image_size"] != cfg.image_size:
         raise ValueError(f"data.image_size={cfg.image_size} but the latents in {cfg.path!r} were encoded at "
@@ -452,14 +452,8 @@ class LatentDataset(Dataset):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["encode"]:  # the encode job lives in scaling.encode (sharded, resumable)
-        from scaling.encode import main as encode_main
-
-        return encode_main(argv[1:], prog="python -m scaling.data encode")
     p = argparse.ArgumentParser(prog="python -m scaling.data", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("encode", add_help=False, help="encode an image folder into VAE latents (data.name=latents), "
-                                                  "sharded and resumable: python -m scaling.data encode --help")
     info = sub.add_parser("describe", help="print what the model sees for a dataset, and where it comes from")
     info.add_argument("--name", default="animal_mnist", choices=DATASETS)
     info.add_argument("--path", default=None)

@@ -1,7 +1,7 @@
 """Encode an image folder into SD VAE latents as a cluster job: shards, each resumable, merged into one directory.
 
-    python -m scaling.data encode --path ROOT --out OUT --image-size 256          one process: every shard in turn
-    sbatch --array=0-63 --gpus-per-task=1 --wrap "python -m scaling.data encode --path ROOT --out OUT \\
+    python -m scaling.encode --path ROOT --out OUT --image-size 256          one process: every shard in turn
+    sbatch --array=0-63 --gpus-per-task=1 --wrap "python -m scaling.encode --path ROOT --out OUT \\
         --num-shards 64"                                          SLURM array: task k encodes shard k
     torchrun --nproc_per_node=8 -m scaling.encode --path ROOT --out OUT --num-shards 64   rank r: r, r + 8, ...
 

@@ -21,64 +21,27 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-SAMPLERS = ("ddpm", "ddim")
+from scaling.checkpoint import checkpoint_path, list_steps, load_model
+from scaling.config import (BACKENDS, DEFAULT_NUM_REF, PRC_NEIGHBOURHOOD, SAMPLERS, EvalConfig, config_from_dict,
+                            validate_eval)
+from scaling.data import (DATASETS, DataConfig, build_dataset, decode_latents, load_vae, read_latent_meta,
+                          strided_subset)
+from scaling.diffusion import Diffusion, sample
+from scaling.rundir import RunDir, append_jsonl, read_jsonl
+
 LABEL_SAMPLING = ("balanced", "uniform")        # class labels of the samples (sample_to_npz)
 SAMPLING_PRECISIONS = ("fp32", "tf32", "bf16")  # the model forward while sampling (sample_to_npz)
 SAMPLING_DEFAULTS = {"labels": "balanced", "precision": "fp32"}
-PRC_NEIGHBOURHOOD = 3  # k of the k-NN manifolds (Kynkaanniemi et al. 2019; ADM's evaluator uses k = 3)
-DEFAULT_NUM_REF = 10_000
-
-
-@dataclass
-class EvalConfig:
-    backend: str = "domain"              # inception | inception_offline | domain (scaling.features)
-    num_samples: int = 1000              # generated images per evaluation (the paper: 50,000)
-    sampler: str = "ddpm"                # ddpm | ddim
-    sampling_steps: int = 250            # respaced steps (the paper: 250 DDPM steps)
-    cfg_scale: float = 1.0               # classifier-free guidance scale; 1.0 = off (the scaling study)
-    guide_channels: Optional[int] = None  # channels guided (None = all epsilon channels)
-    seed: int = 0                        # sampling seed: labels and noise of every batch derive from it
-    batch_size: int = 256                # images per sampling batch (per rank)
-    inline: bool = True                  # evaluate right after each checkpoint in local runs
-    every_ckpt: int = 1                  # evaluate the checkpoints at multiples of k x train.ckpt_every, and the last
-    inception_weights: Optional[str] = None  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth
-    precision_recall: bool = True
-    kid: bool = False
-    export_npz: bool = True              # keep the samples .npz (ADM batch layout) in <run>/samples/
-    num_ref: int = DEFAULT_NUM_REF       # reference images from the training set (all when fewer)
-
-
-def validate_eval(cfg: EvalConfig) -> None:
-    """One-line ValueErrors naming the bad value and the allowed values."""
-    from scaling.features import BACKENDS
-
-    if cfg.backend not in BACKENDS:
-        raise ValueError(f"eval.backend={cfg.backend!r}; allowed: {', '.join(BACKENDS)}")
-    if cfg.sampler not in SAMPLERS:
-        raise ValueError(f"eval.sampler={cfg.sampler!r}; allowed: {', '.join(SAMPLERS)}")
-    for key in ("num_samples", "sampling_steps", "batch_size", "every_ckpt", "num_ref"):
-        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) <= 0:
-            raise ValueError(f"eval.{key}={getattr(cfg, key)!r}; allowed: an integer >= 1")
-    if cfg.cfg_scale < 1.0:
-        raise ValueError(f"eval.cfg_scale={cfg.cfg_scale}; allowed: >= 1.0 (1.0 = no guidance)")
-    if cfg.inception_weights is not None and not Path(cfg.inception_weights).is_file():
-        raise ValueError(f"eval.inception_weights={cfg.inception_weights!r} is not a file; allowed: the path of "
-                         f"torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or null (download, online)")
-    if cfg.guide_channels is not None and cfg.guide_channels < 1:
-        raise ValueError(f"eval.guide_channels={cfg.guide_channels}; allowed: None or >= 1")
-    if cfg.precision_recall and min(cfg.num_samples, cfg.num_ref) <= PRC_NEIGHBOURHOOD:
-        raise ValueError(f"eval.num_samples={cfg.num_samples}, eval.num_ref={cfg.num_ref}: precision/recall with "
-                         f"k={PRC_NEIGHBOURHOOD} needs more than {PRC_NEIGHBOURHOOD} of each; allowed: >= "
-                         f"{PRC_NEIGHBOURHOOD + 1}, or eval.precision_recall=false")
 
 
 def setting_key(cfg: EvalConfig) -> str:
@@ -195,8 +158,6 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
     torch.distributed (distributed=None: when initialised) rank r draws batches r, r + world, ... and rank 0
     assembles after a barrier. Latent models are decoded through `vae`.
     """
-    from scaling.data import decode_latents
-    from scaling.diffusion import Diffusion, sample
     from scaling.features import to_uint8
 
     out_path = Path(out_path)
@@ -310,7 +271,6 @@ class ReferenceImages(Dataset):
 def pixel_data_config(data_cfg):
     """The pixel images behind a dataset: latents -> the image folder they were encoded from. The whole set
     (max_images, a quick-run subset, is dropped): the reference is the data distribution."""
-    from scaling.data import DataConfig, read_latent_meta
 
     if data_cfg.name != "latents":
         return replace(data_cfg, max_images=None)
@@ -320,7 +280,6 @@ def pixel_data_config(data_cfg):
 
 def reference_set(data_cfg, num_ref: int):
     """(ReferenceImages of min(num_ref, len) evenly strided training images, sha256 of the whole dataset)."""
-    from scaling.data import build_dataset, strided_subset
     from scaling.features import dataset_fingerprint
 
     dataset = build_dataset(data_cfg)
@@ -421,16 +380,13 @@ def named_metrics(raw: dict, backend: str, num_samples: int) -> dict:
 
 
 def as_run(run_dir):
-    from scaling.rundir import RunDir
 
     return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
 
 
 def run_config(run_dir):
     """The RunConfig in a run's config.yaml."""
-    from omegaconf import OmegaConf
 
-    from scaling.config import config_from_dict
 
     return config_from_dict(OmegaConf.to_container(OmegaConf.load(as_run(run_dir).config)))
 
@@ -441,7 +397,6 @@ def run_eval_config(run_dir) -> EvalConfig:
 
 
 def find_eval(run_dir, step: int, setting: str) -> Optional[dict]:
-    from scaling.rundir import read_jsonl
 
     return next((r for r in read_jsonl(as_run(run_dir).evals) if r.get("step") == step
                  and r.get("setting") == setting), None)
@@ -457,8 +412,6 @@ def eval_steps(steps: list[int], ckpt_every: int, every_ckpt: int, final_step: i
 
 def missing_evals(run_dir, eval_cfg: EvalConfig, ckpt_every: int, final_step: int) -> list[int]:
     """Checkpoint steps due for evaluation (eval_steps) without a row for this setting."""
-    from scaling.checkpoint import list_steps
-    from scaling.rundir import read_jsonl
 
     key = setting_key(eval_cfg)
     done = {r.get("step") for r in read_jsonl(as_run(run_dir).evals) if r.get("setting") == key}
@@ -473,10 +426,7 @@ def evaluate_checkpoint(run_dir, step: int, eval_cfg: Optional[EvalConfig] = Non
     A row for (step, setting) that exists is returned as is (no duplicates). eval_cfg=None uses the run's own
     eval settings. distributed=True shares the sampling over the torch.distributed ranks (all must call this).
     """
-    from scaling.checkpoint import checkpoint_path, load_model
-    from scaling.data import load_vae
     from scaling.features import build_extractor
-    from scaling.rundir import append_jsonl
 
     run = as_run(run_dir)
     eval_cfg = eval_cfg or run_eval_config(run)
@@ -556,9 +506,6 @@ def score_npz(npz_path, data_cfg, backend: str, *, num_ref: int = DEFAULT_NUM_RE
 
 
 def main(argv=None) -> int:
-    from scaling.data import DATASETS, DataConfig
-    from scaling.features import BACKENDS
-
     p = argparse.ArgumentParser(prog="python -m scaling.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("run_dir", nargs="?", help="run directory (evaluates every checkpoint lacking an eval)")
     p.add_argument("--step", type=int, default=None)

@@ -43,7 +43,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 from tqdm import tqdm
 
-BACKENDS = ("inception", "inception_offline", "domain")
+from scaling.config import BACKENDS
+
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 
 

@@ -24,18 +24,49 @@ Exit code: 0 when every point is done, 1 when a job failed (its status.json says
 2 for bad input, 3 when some point is not finished (held by another launch, or preempted).
 """
 
+import sys
+
+from scaling.signals import install_early
+
+if __name__ == "__main__":  # `python -m scaling.launch`: stop signals are recorded before the slow imports below
+    install_early()            # (the only statement between imports: a job stopped while starting still saves)
+
+import importlib.util
+import netrc
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.hydra import Hydra
+from hydra._internal.utils import create_config_search_path
+from hydra.core.config_search_path import SearchPathQuery
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.types import RunMode
+from omegaconf import OmegaConf, open_dict, read_write
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+from scaling.config import (CONF_DIR, SWEEPS_DIR, LocalLauncherConfig, RunConfig, data_spec, make_plan,
+                            register_configs, run_dir_for, run_id, studies, validate)
+from scaling.evaluate import setting_key
+from scaling.jobs import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_UNFINISHED, Point, first_line, mark_failed,
+                          point_state, run_single, waves)
+from scaling.rundir import last_jsonl_row, read_status
+from scaling.signals import stop_signals
+from scaling.slurm import run_slurm
+from scaling.train import format_duration
 
 LAUNCHERS = ("local", "slurm")
 LAUNCH_OPTIONS = ("analyze",)    # options of this command, not of a run: `analyze=true`
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNFINISHED = 1, 2, 3
 
 # GPU-hours of the dry run: model flops = 2 x multiply-adds, on an H100 SXM (989 dense bf16 TFLOP/s, NVIDIA
 # datasheet) at an assumed 40% model-flops utilisation. An estimate for planning, stated wherever it is printed.
@@ -51,21 +82,6 @@ class LaunchArgs:
     config_name: str = "config"
     overrides: list[str] = field(default_factory=list)
     analyze: bool = False
-
-
-@dataclass
-class LocalLauncherConfig:           # conf/hydra/launcher/local.yaml
-    parallel: int = 0                # jobs at once; 0 = one per visible GPU, or 1 without a GPU
-    threads_per_job: int = 0         # CPU threads per job without a GPU; 0 = CPU cores / parallel
-
-
-@dataclass
-class Point:
-    """One grid point: the overrides that compose it, its config and its run directory."""
-    overrides: list[str]
-    cfg: object                      # scaling.config.RunConfig
-    run_id: str
-    state: str = "new"               # new | partial | evals | done | running | failed | preempted (point_state)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -107,12 +123,7 @@ def parse_args(argv: list[str]) -> LaunchArgs:
 
 def make_hydra(args: LaunchArgs):
     """Hydra's config loader over conf/ (and --config-dir first, as `python app.py --config-dir` does)."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.config_search_path import SearchPathQuery
-    from hydra.core.global_hydra import GlobalHydra
 
-    from scaling.config import CONF_DIR, SWEEPS_DIR, register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -126,8 +137,6 @@ def make_hydra(args: LaunchArgs):
 
 def compose_master(hydra, args: LaunchArgs):
     """The config with the hydra node (launcher, sweeper params), before any sweep is expanded."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     cfg = hydra.compose_config(args.config_name, args.overrides, run_mode=RunMode.MULTIRUN,
                                with_log_configuration=False)
@@ -141,8 +150,6 @@ def expand_grid(hydra, master, args: LaunchArgs) -> list[list[str]]:
     The same expansion as Hydra's BasicSweeper (its own `split_arguments`), so the grid printed and validated
     here is the grid that runs. Without -m, a sweep is an error rather than a silent single run.
     """
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create(config_loader=hydra.config_loader)
     from_config = [f"{k}={v}" for k, v in (master.hydra.sweeper.params or {}).items()]
@@ -159,9 +166,7 @@ def expand_grid(hydra, master, args: LaunchArgs) -> list[list[str]]:
 
 def compose_point(hydra, master, overrides: list[str]):
     """A grid point's RunConfig (typed; validated by the caller)."""
-    from omegaconf import OmegaConf, open_dict, read_write
 
-    from scaling.config import RunConfig
 
     cfg = hydra.config_loader.load_sweep_config(master, list(overrides))
     with read_write(cfg), open_dict(cfg):
@@ -176,7 +181,6 @@ def launcher_of(master) -> tuple[str, LocalLauncherConfig | None]:
         raise ValueError(f"hydra/launcher={name}: not a launcher of this project; allowed: {', '.join(LAUNCHERS)}")
     if name == "slurm":
         return name, None
-    from omegaconf import OmegaConf
 
     local = OmegaConf.to_object(master.hydra.launcher)  # typed by its schema (config.register_configs)
     for key in ("parallel", "threads_per_job"):
@@ -187,7 +191,6 @@ def launcher_of(master) -> tuple[str, LocalLauncherConfig | None]:
 
 def prepare(args: LaunchArgs):
     """Everything that can fail on bad input: (hydra, master config, launcher, local launcher config, points)."""
-    from scaling.config import run_id, validate
 
     check_config_name(args)
     hydra = make_hydra(args)
@@ -209,7 +212,6 @@ def prepare(args: LaunchArgs):
 
 def check_config_name(args: LaunchArgs) -> None:
     """--config-name names conf/config.yaml, a study in sweeps/, or a file in --config-dir."""
-    from scaling.config import CONF_DIR, SWEEPS_DIR, studies
 
     dirs = [Path(d) for d in (args.config_dir, CONF_DIR, SWEEPS_DIR) if d]
     if not any((d / f"{args.config_name}.yaml").is_file() for d in dirs):
@@ -220,8 +222,6 @@ def check_config_name(args: LaunchArgs) -> None:
 
 def wandb_key_here() -> bool:
     """Whether wandb can log in on this machine: WANDB_API_KEY, or a ~/.netrc entry for its host (wandb login)."""
-    import netrc
-    from urllib.parse import urlparse
 
     if os.environ.get("WANDB_API_KEY"):
         return True
@@ -236,9 +236,7 @@ def check_placement(points: list[Point], launcher: str, master) -> None:
     """Checks that depend on where the jobs run: CUDA on this machine (local) or in the job's request (SLURM),
     the wandb key here (local: an error) or in the job's environment (SLURM: a warning). A dry run plans for
     another machine: only warnings. Also warns once for a dry run whose data is not here."""
-    import torch
 
-    from scaling.config import data_spec
 
     dry = any(p.cfg.dry_run for p in points)
     problems = []
@@ -278,13 +276,10 @@ _MISSING_OPTION = re.compile(r"Could not find '(?P<group>[^']+)/(?P<option>[^'/]
 
 def one_line_error(e: BaseException, overrides: list[str] = ()) -> str:
     """Hydra's and OmegaConf's multi-line errors as one line naming the bad value and the allowed values."""
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
     text = str(e)
     if isinstance(e, MissingConfigException) and (m := _MISSING_OPTION.search(text)):
         group, option = m["group"], m["option"]
-        from scaling.config import CONF_DIR
 
         top = group.split("/")[0]
         if top != "hydra" and (CONF_DIR / top).is_dir() and group != top:  # model=DiT-XL/2: '/' is not a group
@@ -302,7 +297,7 @@ def one_line_error(e: BaseException, overrides: list[str] = ()) -> str:
                 f"(-m {bad.removeprefix('hydra.sweeper.params.')}), or a study file whose hydra.sweeper.params "
                 f"holds the grid")
     if isinstance(e, OverrideParseException):
-        return f"cannot parse override {_parse_failure(overrides)}: {_first_line(text)}"
+        return f"cannot parse override {_parse_failure(overrides)}: {first_line(text)}"
     cause = e.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
         e = cause  # "Could not override 'trian.steps'": the cause names the key and its parent
@@ -312,23 +307,17 @@ def one_line_error(e: BaseException, overrides: list[str] = ()) -> str:
         return f"unknown key {e.full_key!r}" + (f"; allowed: {', '.join(map(str, allowed))}" if allowed else "")
     if isinstance(e, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException):
         override = text.removeprefix("Error merging override ").strip()
-        return f"{override}: {_first_line(str(cause))}"
+        return f"{override}: {first_line(str(cause))}"
     if isinstance(e, MissingMandatoryValue):
         key = getattr(e, "full_key", None) or text.rsplit(":", 1)[-1].strip()
         return f"{key} is required here (give {key}=...)"
     if isinstance(e, OmegaConfBaseException):
         key = getattr(e, "full_key", None)
-        return f"{key}: {_first_line(text)}" if key else _first_line(text)
-    return _first_line(text) if isinstance(e, ValueError) else f"{type(e).__name__}: {_first_line(text)}"
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
+        return f"{key}: {first_line(text)}" if key else first_line(text)
+    return first_line(text) if isinstance(e, ValueError) else f"{type(e).__name__}: {first_line(text)}"
 
 
 def _parse_failure(overrides) -> str:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
     for text in overrides:
@@ -339,36 +328,11 @@ def _parse_failure(overrides) -> str:
     return "(from the config's hydra.sweeper.params)"
 
 
-# ----------------------------------------------------------------------------- state of a point
-
-
-def point_state(cfg) -> str:
-    """new | partial | evals (trained, evals missing) | done | running (a live lease) | failed | preempted.
-
-    A run whose status.json is unreadable is "partial": its launch resumes it from its checkpoints."""
-    from scaling.config import run_dir_for
-    from scaling.rundir import lease_is_live, read_status
-
-    run = run_dir_for(cfg)
-    if not run.status.is_file():
-        return "new"
-    status = read_status(run)
-    if status["state"] == "running" and lease_is_live(run):
-        return "running"
-    if status["state"] != "done" or status["step"] < cfg.train.steps:
-        return status["state"] if status["state"] in ("failed", "preempted") else "partial"
-    from scaling.evaluate import missing_evals
-
-    return "evals" if missing_evals(run.path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps) else "done"
-
-
 # ----------------------------------------------------------------------------- the dry run
 
 
 def plan_rows(points: list[Point]) -> list[dict]:
     """The plan of each point (closed-form Gflops: no model is built) with its GPU-hours and state."""
-    from scaling.config import make_plan
-    from scaling.evaluate import setting_key
 
     rows = []
     for p in points:
@@ -398,75 +362,6 @@ def format_plan(rows: list[dict]) -> str:
                       f" and 2 flops per multiply-add. train_flops = Gflops x batch x steps x 3 (paper Fig. 9)."])
 
 
-# ----------------------------------------------------------------------------- one job
-
-
-def run_point(cfg, evals_here: bool = True) -> dict:
-    """Train one grid point (resuming, or returning at once when done) and run its missing evals.
-
-    A failure leaves status.json "failed" with the error and is raised again; a run whose lease another
-    process holds is left alone (state "locked"). `evals_here=False` leaves non-inline evals to the caller
-    (the SLURM launch submits them as their own jobs).
-    """
-    from scaling.config import run_dir_for
-    from scaling.rundir import LeaseLost, RunLocked, read_status
-    from scaling.train import train
-
-    run = run_dir_for(cfg)
-    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
-    try:
-        status = train(cfg)
-        if evals_here and status["state"] == "done" and not cfg.eval.inline and rank == 0:
-            evaluate_missing(cfg)
-            status = read_status(run)
-    except RunLocked as e:
-        print(f"[launch] {run.run_id}: {e}", flush=True)
-        return {"state": "locked", "error": str(e), "run_id": run.run_id}
-    except Exception as e:
-        if rank == 0 and not isinstance(e, LeaseLost):
-            mark_failed(run, e)
-        raise
-    return {**status, "run_id": run.run_id}
-
-
-def mark_failed(run, error: BaseException) -> None:
-    """status.json = failed with the error, unless the job already said so (with its real step) or another live
-    process holds the run's lease."""
-    from scaling.rundir import lease_is_live, read_lease, read_status, write_status
-
-    status = read_status(run)
-    if status["state"] == "failed":
-        return
-    holder, _ = read_lease(run)
-    if holder and lease_is_live(run) and holder.get("pid") != os.getpid():
-        return
-    write_status(run, "failed", status["step"], error=f"{type(error).__name__}: {error}")
-
-
-def evaluate_missing(cfg) -> int:
-    """Evaluate every checkpoint of the run that is due for evaluation and lacks this eval setting; the number
-    evaluated."""
-    import torch
-
-    from scaling.config import run_dir_for
-    from scaling.evaluate import evaluate_checkpoint, missing_evals
-
-    run_path = run_dir_for(cfg).path
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    steps = missing_evals(run_path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps)
-    for step in steps:
-        print(f"[launch] evaluating {run_path.name} step {step} ({cfg.eval.num_samples} samples)", flush=True)
-        evaluate_checkpoint(run_path, step, cfg.eval, device)
-    return len(steps)
-
-
-def slurm_task(task_cfg) -> dict:
-    """The Hydra task of a SLURM job (hydra-submitit-launcher calls it with the composed config)."""
-    from omegaconf import OmegaConf
-
-    return run_point(OmegaConf.to_object(task_cfg), evals_here=False)
-
-
 # ----------------------------------------------------------------------------- local launcher
 
 
@@ -474,7 +369,6 @@ def visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g for g in env.split(",") if g.strip()]
-    import torch
 
     return [str(i) for i in range(torch.cuda.device_count())]
 
@@ -550,8 +444,6 @@ def largest_first(points: list[Point]) -> list[Point]:
     """The points by training FLOPs left to do, largest first: with a pool of N slots the grid then ends when its
     largest job ends, not when a large job started last does (the 12-point grid in grid order ran laptop-XL/2,
     ~40% of the work, last)."""
-    from scaling.config import make_plan, run_dir_for
-    from scaling.rundir import read_status
 
     def flops_to_go(p: Point) -> float:
         plan = make_plan(p.cfg, count="closed_form")
@@ -565,9 +457,6 @@ def largest_first(points: list[Point]) -> list[Point]:
 def progress_line(running: list[Point], finished: int, total: int, elapsed_s: float) -> str:
     """One line for a pool whose jobs log to files: jobs finished, and each running job's step, rate and ETA
     (from the last row of its metrics.jsonl)."""
-    from scaling.config import run_dir_for
-    from scaling.rundir import last_jsonl_row
-    from scaling.train import format_duration
 
     parts = []
     for p in running:
@@ -586,8 +475,6 @@ def progress_line(running: list[Point], finished: int, total: int, elapsed_s: fl
 
 def run_local_grid(args: LaunchArgs, todo: list[Point], slots: list[dict]) -> dict[str, str]:
     """The points wave by wave (a run is never in two jobs at once); {run_id: outcome} of failed jobs."""
-    from scaling.config import run_dir_for
-    from scaling.rundir import read_status
 
     outcomes = {}
     for wave in waves(todo):
@@ -604,39 +491,11 @@ def run_local_grid(args: LaunchArgs, todo: list[Point], slots: list[dict]) -> di
     return outcomes
 
 
-def waves(points: list[Point]) -> list[list[Point]]:
-    """Points that share a run (e.g. several eval settings of one trained model) go in successive waves, so
-    no two jobs of one run ever run at once."""
-    seen, out = {}, []
-    for p in points:
-        k = seen[p.run_id] = seen.get(p.run_id, -1) + 1
-        if k == len(out):
-            out.append([])
-        out[k].append(p)
-    return out
-
-
 # ----------------------------------------------------------------------------- after the sweep
-
-
-def run_single(point: Point) -> int:
-    """One point in this process. The faults a job can meet and name (a full disk, a non-finite step, a lost
-    lease) end in one line; anything else keeps its traceback."""
-    from scaling.checkpoint import DiskFull
-    from scaling.rundir import LeaseLost
-
-    try:
-        status = run_point(point.cfg)
-    except (DiskFull, FloatingPointError, LeaseLost) as e:
-        print(f"error: {point.run_id}: {e}", file=sys.stderr, flush=True)
-        return EXIT_FAILED
-    print(f"[launch] {status['run_id']}: {status['state']}", flush=True)
-    return 0 if status["state"] == "done" else EXIT_FAILED if status["state"] == "failed" else EXIT_UNFINISHED
 
 
 def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
     """One line per grid point from its run directory (the source of truth), then the exit code."""
-    from scaling.evaluate import setting_key
 
     with_eval = len({setting_key(p.cfg.eval) for p in points}) > 1
     code = 0
@@ -655,7 +514,6 @@ def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
 
 def analyze(output_root: str) -> None:
     """The results table and the figures of the output root, in <output_root>/analysis/ (where installed)."""
-    import importlib.util
 
     out = Path(output_root) / "analysis"
     table = out / "results.csv"
@@ -675,7 +533,6 @@ def analyze(output_root: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from scaling.signals import stop_signals
 
     try:
         # Stop signals are recorded from now on, before any slow import (scaling/signals.py): a job started by
@@ -684,7 +541,6 @@ def main(argv: list[str] | None = None) -> int:
             return run(sys.argv[1:] if argv is None else list(argv), stop)
     finally:
         if "hydra" in sys.modules:
-            from hydra.core.global_hydra import GlobalHydra
 
             GlobalHydra.instance().clear()  # leave no Hydra state behind in a process that calls main()
 
@@ -725,7 +581,6 @@ def run(argv: list[str], stop=None) -> int:
         if todo and launcher == "local":
             outcomes = run_local_grid(args, todo, slots)
         elif todo:
-            from scaling.slurm import run_slurm
 
             outcomes, eval_errors = run_slurm(hydra, master, todo)
     except KeyboardInterrupt:

@@ -55,6 +55,16 @@ class StopSignals:
 _ACTIVE: list[StopSignals] = []
 
 
+def install_early() -> StopSignals:
+    """Install the process's StopSignals now, for the rest of the process (`python -m scaling.launch` calls it
+    before its slow imports); later `stop_signals()` entries share it."""
+    if not _ACTIVE:
+        stop = StopSignals()
+        stop.install()
+        _ACTIVE.append(stop)
+    return _ACTIVE[-1]
+
+
 @contextmanager
 def stop_signals():
     """The process's StopSignals: installed on first entry (and restored on its exit), shared by nested entries,

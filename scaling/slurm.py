@@ -2,8 +2,8 @@
 hydra-submitit-launcher, eval jobs beside them through submitit, and the launch waiting on both.
 
 A job's end is learned from its result file or from `scontrol` (a cluster without accounting has no sacct, which
-submitit alone would wait on). Each job runs `scaling.launch.slurm_task` (training) or
-`scaling.launch.evaluate_missing` (evals), so what a job does is the same as in a local run.
+submitit alone would wait on). Each job runs `scaling.jobs.slurm_task` (training) or
+`scaling.jobs.evaluate_missing` (evals), so what a job does is the same as in a local run.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import subprocess
 import threading
 import time
 
-from scaling.launch import Point, _first_line, evaluate_missing, point_state, slurm_task, waves
+from scaling.jobs import Point, evaluate_missing, first_line, point_state, slurm_task, waves
 
 EVAL_POLL_S = 60.0               # how often the launch looks for new checkpoints to evaluate
 JOB_POLL_S = 5.0                 # how often it checks whether a job is over
@@ -72,7 +72,7 @@ class EvalJobs:
         try:
             job_result(job)
         except Exception as e:  # noqa: BLE001 - reported with the run, the launch goes on
-            self.failed[run_id] = f"eval job {job.job_id} failed: {_first_line(str(e))}"
+            self.failed[run_id] = f"eval job {job.job_id} failed: {first_line(str(e))}"
             print(f"[launch] {run_id}: {self.failed[run_id]}", flush=True)
 
     def drain(self) -> dict[str, str]:
@@ -87,7 +87,7 @@ class EvalJobs:
                 for p in self.points:
                     if p.run_id not in self.in_flight and missing_evals(run_dir_for(p.cfg).path, p.cfg.eval,
                                                                         p.cfg.train.ckpt_every, p.cfg.train.steps):
-                        self.failed.setdefault(p.run_id, f"eval submission failed: {_first_line(str(e))}")
+                        self.failed.setdefault(p.run_id, f"eval submission failed: {first_line(str(e))}")
             if not self.in_flight:
                 return self.failed
             time.sleep(2.0)
@@ -97,7 +97,7 @@ class EvalJobs:
             try:
                 self.poll()
             except Exception as e:  # noqa: BLE001 - a failed sbatch now is retried at the next poll
-                print(f"[launch] eval poll: {type(e).__name__}: {_first_line(str(e))}", flush=True)
+                print(f"[launch] eval poll: {type(e).__name__}: {first_line(str(e))}", flush=True)
 
 
 def run_slurm(hydra, master, todo: list[Point]) -> tuple[dict, dict]:
@@ -143,7 +143,7 @@ def submit_and_wait(launcher, executor, points: list[Point]) -> dict[str, str]:
         jobs = executor.map_array(launcher, [p.overrides for p in points], ["hydra.sweep.dir"] * n, list(range(n)),
                                   [f"job_id_for_{i}" for i in range(n)], [Singleton.get_state()] * n)
     except Exception as e:  # noqa: BLE001 - sbatch refused: nothing of this wave runs
-        msg = f"failed: submission: {_first_line(str(e))}"
+        msg = f"failed: submission: {first_line(str(e))}"
         print(f"[launch] {msg}", flush=True)
         return {p.run_id: msg for p in points}
     for p, job in zip(points, jobs):
@@ -154,7 +154,7 @@ def submit_and_wait(launcher, executor, points: list[Point]) -> dict[str, str]:
             try:
                 outcome = _job_outcome(job_result(job))
             except Exception as e:  # noqa: BLE001 - killed, out of memory, node lost: the run dir keeps its state
-                outcome = f"failed: {_first_line(str(e))}"
+                outcome = f"failed: {first_line(str(e))}"
             if outcome == "preempted" and requeued(job):
                 # SIGTERM then a requeue by SLURM (scontrol requeue, PreemptMode=REQUEUE): training saved and
                 # returned; the next attempt resumes and will write its own result.
@@ -209,4 +209,4 @@ def _job_outcome(ret) -> str:
 
     if ret.status == JobStatus.COMPLETED:
         return ret.return_value.get("state", "done") if isinstance(ret.return_value, dict) else "done"
-    return f"failed: {type(ret._return_value).__name__}: {_first_line(str(ret._return_value))}"
+    return f"failed: {type(ret._return_value).__name__}: {first_line(str(ret._return_value))}"

@@ -14,42 +14,26 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from scaling.checkpoint import checkpoint_path, list_steps, load_latest, non_finite, save_checkpoint
+from scaling.config import (DEVICES, PRECISIONS, RunConfig, build_model_for, config_from_overrides, config_to_dict,
+                            make_plan, run_dir_for, validate)
+from scaling.data import build_dataset
+from scaling.diffusion import Diffusion, sample
+from scaling.evaluate import evaluate_checkpoint, missing_evals
 from scaling.rundir import (Lease, LeaseLost, RunDir, append_jsonl, atomic_write_text, clean_temporary, read_status,
                             repair_jsonl, write_json, write_status)
 from scaling.signals import StopSignals, stop_signals
+from scaling.tracking import Tracker
 
 # Dense bf16 peak of the GPUs we know, for MFU (vendor datasheets; SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-PRECISIONS = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "cuda")
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 400_000         # horizon in optimizer steps (images = steps x batch_img)
-    batch_img: int = 256         # global batch, split evenly across ranks
-    lr: float = 1e-4             # AdamW, constant (paper section 4)
-    weight_decay: float = 0.0
-    ema_decay: float = 0.9999
-    ema_warmup: bool = False     # decay min(ema_decay, (1 + step) / (10 + step)): for runs much shorter than
-                                 # the EMA horizon 1 / (1 - decay), where the EMA would still hold the init
-    grad_clip: float = 0.0       # max global grad norm; 0 = off
-    precision: str = "auto"      # auto = bf16 autocast on GPUs that support it, else fp32
-    device: str = "auto"         # auto | cpu | cuda
-    compile: bool = False        # torch.compile the model (the checkpoint always holds the plain weights)
-    ckpt_every: int = 50_000     # steps between checkpoints (one is always written at the end)
-    log_every: int = 100         # steps between metrics.jsonl rows
-    grid_every: int = 0          # steps between EMA sample grids when evals are off; 0 = at checkpoints
-    num_workers: int = 0         # data loader processes (0: in-process, right for the in-memory datasets)
-
 
 # ----------------------------------------------------------------------------- data order
 
@@ -178,8 +162,6 @@ def save_sample_grid(run: RunDir, step: int, ema, diffusion_cfg, plan: dict, dev
     """A quick EMA sample grid (DDIM, 50 steps) so a person can see what the model draws at this step."""
     from torchvision.utils import save_image
 
-    from scaling.diffusion import Diffusion, sample
-
     g = torch.Generator(device).manual_seed(step)
     y = torch.arange(n, device=device) % plan["num_classes"]
     shape = (n, plan["in_channels"], plan["input_size"], plan["input_size"])
@@ -193,17 +175,12 @@ def save_sample_grid(run: RunDir, step: int, ema, diffusion_cfg, plan: dict, dev
 # ----------------------------------------------------------------------------- the job
 
 
-def train(cfg) -> dict:
+def train(cfg: RunConfig) -> dict:
     """Train one grid point into its run directory; returns the final status dict.
 
     `cfg` is a `scaling.config.RunConfig`. Idempotent: a finished run returns at once (evaluating any
     checkpoint that lacks evals), an unfinished one resumes from its newest checkpoint.
     """
-    from scaling.config import build_model_for, config_to_dict, make_plan, run_dir_for, validate
-    from scaling.data import build_dataset
-    from scaling.diffusion import Diffusion
-    from scaling.tracking import Tracker
-
     with stop_signals() as stop:  # already installed by the launcher when it runs this job
         validate(cfg)
         tc = cfg.train
@@ -214,16 +191,13 @@ def train(cfg) -> dict:
         run = run_dir_for(cfg)
         plan = make_plan(cfg, device=str(device), world_size=world)
         if rank != 0:
-            return _train_locked(cfg, run, plan, rank, world, device, None, stop, build_dataset, build_model_for,
-                                 Diffusion, Tracker, config_to_dict)
+            return _train_locked(cfg, run, plan, rank, world, device, None, stop)
         run.create()
         with Lease(run).hold() as lease:  # a second launch of a running run stops here, before touching its files
             clean_temporary(run)
-            from omegaconf import OmegaConf
             atomic_write_text(run.config, OmegaConf.to_yaml(config_to_dict(cfg)))
             write_json(run.plan, plan)
-            return _train_locked(cfg, run, plan, rank, world, device, lease, stop, build_dataset, build_model_for,
-                                 Diffusion, Tracker, config_to_dict)
+            return _train_locked(cfg, run, plan, rank, world, device, lease, stop)
 
 
 def last_checkpoint_note(run: RunDir, before: int) -> str:
@@ -239,8 +213,8 @@ def final_status(run: RunDir, lease: Lease | None, state: str, step: int, **extr
     write_status(run, state, step, **extra)
 
 
-def _train_locked(cfg, run, plan, rank, world, device, lease: Lease | None, stop: StopSignals, build_dataset,
-                  build_model_for, Diffusion, Tracker, config_to_dict) -> dict:
+def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int, device: torch.device,
+                  lease: Lease | None, stop: StopSignals) -> dict:
     tc = cfg.train
     log = print if rank == 0 else (lambda *a, **k: None)
 
@@ -412,8 +386,6 @@ def _scheduled_evals(cfg, run, ema, plan, device, step, tracker) -> None:
     """Inline evals (local runs): this checkpoint, or every checkpoint lacking an eval when step is None."""
     if not cfg.eval.inline:
         return
-    from scaling.evaluate import evaluate_checkpoint, missing_evals
-
     todo = missing_evals(run.path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps)
     for s in todo if step is None else [s for s in todo if s == step]:
         row = evaluate_checkpoint(run.path, s, cfg.eval, device=device)
@@ -429,8 +401,6 @@ def format_duration(seconds: float) -> str:
 
 
 def main(argv=None) -> int:
-    from scaling.config import config_from_overrides
-
     cfg = config_from_overrides(sys.argv[1:] if argv is None else argv)
     status = train(cfg)
     print(f"[train] {status['state']} at step {status['step']}")

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from scaling.data import (DataConfig, LatentDataset, build_dataset, center_crop_arr, decode_latents, describe,
-                          load_animal_mnist, load_image, load_vae, main, random_flip, restricted_load)
+                          load_animal_mnist, load_image, load_vae, random_flip, restricted_load)
 from scaling.encode import EncodeConfig, encode_latents
+from scaling.encode import main as encode_main
 
 
 def _raw_animal_images():
@@ -285,7 +286,7 @@ def test_latent_errors(tmp_path, tiny_vae_dir):
 
 def test_cli_encode(tmp_path, tiny_vae_dir, capsys):
     root = _write_folder(tmp_path / "images", classes=("a", "b"), per_class=2, size=(16, 16))
-    main(["encode", "--path", str(root), "--out", str(tmp_path / "z"), "--image-size", "16", "--vae", tiny_vae_dir,
+    encode_main(["--path", str(root), "--out", str(tmp_path / "z"), "--image-size", "16", "--vae", tiny_vae_dir,
           "--num-workers", "0", "--device", "cpu", "--max-images", "2"])
     assert '"count": 2' in capsys.readouterr().out
     assert np.load(tmp_path / "z" / "labels.npy").tolist() == [0, 1]  # strided subset keeps both classes

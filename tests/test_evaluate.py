@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 
 import scaling.evaluate as ev
 from scaling.checkpoint import save_checkpoint
-from scaling.config import RunConfig, config_to_dict
+from scaling.config import EvalConfig, RunConfig, config_to_dict
 from scaling.data import DataConfig, load_animal_mnist
 from scaling.diffusion import DiffusionConfig
-from scaling.evaluate import (EvalConfig, balanced_labels, evaluate_checkpoint, missing_evals, sample_to_npz,
+from scaling.evaluate import (balanced_labels, evaluate_checkpoint, missing_evals, sample_to_npz,
                               setting_key, validate_eval)
 from scaling.features import to_uint8
 from scaling.models import build_model

@@ -17,7 +17,8 @@ from benchmarks.chaos import chaos, dead_pid, race, summary_line
 from helpers import run_launch
 from scaling.checkpoint import checkpoint_path, list_steps, load_checkpoint, load_latest, save_checkpoint
 from scaling.config import config_from_overrides, run_dir_for
-from scaling.evaluate import EvalConfig, eval_steps, missing_evals
+from scaling.config import EvalConfig
+from scaling.evaluate import eval_steps, missing_evals
 from scaling.rundir import (Lease, LeaseLost, RunDir, RunLocked, acquire_lease, append_jsonl, clean_temporary,
                             lease_is_stale, process_start, read_jsonl, read_jsonl_checked, read_status, repair_jsonl,
                             write_json, write_status)
@@ -248,7 +249,8 @@ def test_results_reports_each_garbage_file_per_run(garbage_root, tmp_path):
 
 
 def test_launch_survives_garbage_status_files(garbage_root):
-    from scaling.launch import Point, largest_first, point_state
+    from scaling.jobs import Point, point_state
+    from scaling.launch import largest_first
 
     root, args, bad, odd = garbage_root
     points = [Point(a, config_from_overrides(a), "") for a in args]

@@ -13,6 +13,7 @@ from torch_fidelity.utils import create_feature_extractor
 
 import scaling.adm as adm
 import scaling.diffusion
+import scaling.evaluate
 import scaling.evaluate as ev
 import scaling.sample as sm
 from helpers import randomize_
@@ -250,11 +251,11 @@ def test_killed_run_resumes_to_the_same_npz(tmp_path, release_file, tiny_vae_dir
             raise KeyboardInterrupt  # the job is killed while drawing chunk 2
         return real_sample(*args, **kwargs)
 
-    monkeypatch.setattr(scaling.diffusion, "sample", dies_at_third_chunk)
+    monkeypatch.setattr(scaling.evaluate, "sample", dies_at_third_chunk)
     with pytest.raises(KeyboardInterrupt):
         sm.run_sampling(cfg(tmp_path / "b"))
     calls.clear()
-    monkeypatch.setattr(scaling.diffusion, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
+    monkeypatch.setattr(scaling.evaluate, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
     resumed = sm.run_sampling(cfg(tmp_path / "b"))  # the same command again
     assert len(calls) == 1 and resumed["resumed_from_img"] == 8  # only the last chunk is drawn
     assert same_npz(whole["npz"], resumed["npz"])

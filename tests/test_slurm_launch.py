@@ -179,9 +179,10 @@ def test_a_job_with_two_tasks_trains_one_run_with_ddp(tmp_path):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="fails on purpose by asking for a missing GPU")
 def test_a_failing_job_is_failed_in_its_run_directory_and_the_launch_exits_1(tmp_path):
     """Hydra's job runner keeps a task's exception in its result: the run directory and the exit code must tell."""
-    overrides = ["model=laptop_s", "patch=8", *TINY, "train.steps=20", "train.device=cuda", f"output_root={tmp_path}"]
+    overrides = ["model=laptop_s", "patch=8", *TINY, "train.steps=20", "train.lr=100", "train.grad_clip=0",
+                 f"output_root={tmp_path}"]  # diverges at step 2
     proc = launch("-m", *overrides, *SLURM, timeout=180)
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
-    assert re.search(r": failed \(ValueError: train\.device=cuda but no CUDA device", proc.stdout), proc.stdout
+    assert re.search(r": failed \(FloatingPointError: gradient norm is nan at step 2", proc.stdout), proc.stdout
     status = read_status(run_dir_for(config_from_overrides(overrides)))
-    assert status["state"] == "failed" and status["error"].startswith("ValueError: train.device=cuda")
+    assert status["state"] == "failed" and status["error"].startswith("FloatingPointError: gradient norm is nan")

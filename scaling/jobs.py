@@ -1,0 +1,134 @@
+"""What the local pool and the SLURM launch share: a grid point, its state read from its run directory, and
+running one point (training, then the evals that are due) as a job does.
+
+    scaling.launch (the command) -> scaling.jobs (one point) <- scaling.slurm (the same points as SLURM jobs)
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from omegaconf import OmegaConf
+
+from scaling.checkpoint import DiskFull
+from scaling.config import RunConfig, run_dir_for
+from scaling.evaluate import evaluate_checkpoint, missing_evals
+from scaling.rundir import LeaseLost, RunDir, RunLocked, lease_is_live, read_lease, read_status, write_status
+from scaling.train import train
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNFINISHED = 1, 2, 3
+
+
+@dataclass
+class Point:
+    """One grid point: the overrides that compose it, its config and its run directory."""
+    overrides: list[str]
+    cfg: RunConfig
+    run_id: str
+    state: str = "new"               # new | partial | evals | done | running | failed | preempted (point_state)
+
+
+def first_line(text: str) -> str:
+    """The first line of an error message (for one-line reports)."""
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
+# ----------------------------------------------------------------------------- state of a point
+
+
+def point_state(cfg: RunConfig) -> str:
+    """new | partial | evals (trained, evals missing) | done | running (a live lease) | failed | preempted.
+
+    A run whose status.json is unreadable is "partial": its launch resumes it from its checkpoints."""
+    run = run_dir_for(cfg)
+    if not run.status.is_file():
+        return "new"
+    status = read_status(run)
+    if status["state"] == "running" and lease_is_live(run):
+        return "running"
+    if status["state"] != "done" or status["step"] < cfg.train.steps:
+        return status["state"] if status["state"] in ("failed", "preempted") else "partial"
+    return "evals" if missing_evals(run.path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps) else "done"
+
+
+# ----------------------------------------------------------------------------- one job
+
+
+def run_point(cfg: RunConfig, evals_here: bool = True) -> dict:
+    """Train one grid point (resuming, or returning at once when done) and run its missing evals.
+
+    A failure leaves status.json "failed" with the error and is raised again; a run whose lease another
+    process holds is left alone (state "locked"). `evals_here=False` leaves non-inline evals to the caller
+    (the SLURM launch submits them as their own jobs).
+    """
+    run = run_dir_for(cfg)
+    rank = int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
+    try:
+        status = train(cfg)
+        if evals_here and status["state"] == "done" and not cfg.eval.inline and rank == 0:
+            evaluate_missing(cfg)
+            status = read_status(run)
+    except RunLocked as e:
+        print(f"[launch] {run.run_id}: {e}", flush=True)
+        return {"state": "locked", "error": str(e), "run_id": run.run_id}
+    except Exception as e:
+        if rank == 0 and not isinstance(e, LeaseLost):
+            mark_failed(run, e)
+        raise
+    return {**status, "run_id": run.run_id}
+
+
+def mark_failed(run: RunDir, error: BaseException) -> None:
+    """status.json = failed with the error, unless the job already said so (with its real step) or another live
+    process holds the run's lease."""
+    status = read_status(run)
+    if status["state"] == "failed":
+        return
+    holder, _ = read_lease(run)
+    if holder and lease_is_live(run) and holder.get("pid") != os.getpid():
+        return
+    write_status(run, "failed", status["step"], error=f"{type(error).__name__}: {error}")
+
+
+def evaluate_missing(cfg: RunConfig) -> int:
+    """Evaluate every checkpoint of the run that is due for evaluation and lacks this eval setting; the number
+    evaluated."""
+    run_path = run_dir_for(cfg).path
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    steps = missing_evals(run_path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps)
+    for step in steps:
+        print(f"[launch] evaluating {run_path.name} step {step} ({cfg.eval.num_samples} samples)", flush=True)
+        evaluate_checkpoint(run_path, step, cfg.eval, device)
+    return len(steps)
+
+
+def slurm_task(task_cfg) -> dict:
+    """The Hydra task of a SLURM job (hydra-submitit-launcher calls it with the composed config)."""
+    return run_point(OmegaConf.to_object(task_cfg), evals_here=False)
+
+
+def waves(points: list[Point]) -> list[list[Point]]:
+    """Points that share a run (e.g. several eval settings of one trained model) go in successive waves, so
+    no two jobs of one run ever run at once."""
+    seen, out = {}, []
+    for p in points:
+        k = seen[p.run_id] = seen.get(p.run_id, -1) + 1
+        if k == len(out):
+            out.append([])
+        out[k].append(p)
+    return out
+
+
+def run_single(point: Point) -> int:
+    """One point in this process. The faults a job can meet and name (a full disk, a non-finite step, a lost
+    lease) end in one line; anything else keeps its traceback."""
+    try:
+        status = run_point(point.cfg)
+    except (DiskFull, FloatingPointError, LeaseLost) as e:
+        print(f"error: {point.run_id}: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    print(f"[launch] {status['run_id']}: {status['state']}", flush=True)
+    return 0 if status["state"] == "done" else EXIT_FAILED if status["state"] == "failed" else EXIT_UNFINISHED
+
+
