@@ -234,10 +234,18 @@ def clean_temporary(run: "RunDir", stale_s: float = LEASE_STALE_S) -> list[Path]
 # ----------------------------------------------------------------------------- status
 
 
+def slurm_job_label() -> str | None:
+    """This process's SLURM job as squeue and scancel name it: `<array job>_<task>` for an array task (whose
+    SLURM_JOB_ID is a number of its own: `scancel <that>` would name another job), else SLURM_JOB_ID."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
 def write_status(run: RunDir, state: str, step: int, error: str | None = None, **extra) -> None:
     if state not in STATES:
         raise ValueError(f"status state {state!r} is not one of {STATES}")
-    status = {"state": state, "step": int(step), "error": error, "updated_at": time.time(), "host": HOST, **extra}
+    status = {"state": state, "step": int(step), "error": error, "updated_at": time.time(), "host": HOST,
+              "slurm_job": slurm_job_label(), **extra}
     write_json(run.status, status)
 
 
@@ -278,6 +286,8 @@ class LeaseLost(RuntimeError):
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # os.kill(0 or -1, 0) would ask about a process group, not a process
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -397,7 +407,7 @@ class Lease:
             self.info = {"host": HOST, "pid": os.getpid(), "start": process_start(os.getpid()),
                          "heartbeat": time.time(), "token": uuid.uuid4().hex,
                          "generation": (generation if isinstance(generation, int) else 0) + 1,
-                         "slurm_job_id": os.environ.get("SLURM_JOB_ID")}
+                         "slurm_job_id": slurm_job_label()}
             write_json(self.run.lock, self.info)
         return self
 

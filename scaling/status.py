@@ -48,7 +48,8 @@ def run_row(run: RunDir, stale_s: float = STALE_S) -> dict:
     return {"run_id": run.run_id, "state": state, "step": status["step"], "steps": plan.get("steps"),
             "loss": _number((metrics or {}).get("loss")), "img_per_s": _number((metrics or {}).get("img_per_s")),
             "eval": eval_label(evals[-1] if evals else None), "updated_at": max(times) if times else None,
-            "job": lock.get("slurm_job_id") if live else None, "error": status.get("error"), "problems": problems}
+            "job": (lock.get("slurm_job_id") if live else None) or status.get("slurm_job"), "error": status.get("error"),
+            "problems": problems}
 
 
 def _number(value) -> float | None:

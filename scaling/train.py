@@ -189,7 +189,7 @@ def train(cfg: RunConfig) -> dict:
         if tc.batch_img % world:
             raise ValueError(f"train.batch_img={tc.batch_img} does not split over {world} ranks")
         run = run_dir_for(cfg)
-        plan = make_plan(cfg, device=str(device), world_size=world)
+        plan = {**make_plan(cfg, device=str(device), world_size=world), "cpu_threads": torch.get_num_threads()}
         if rank != 0:
             return _train_locked(cfg, run, plan, rank, world, device, None, stop)
         run.create()
@@ -362,7 +362,10 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
         if isinstance(e, SystemExit) and stop.signal is not None:
             raise  # submitit's requeue handler exits the job after our checkpoint: preempted, not failed
         if rank == 0 and not isinstance(e, LeaseLost):  # a lost lease: the run's files are another's now
-            final_status(run, lease, "failed", step, error=f"{type(e).__name__}: {e}")
+            try:
+                final_status(run, lease, "failed", step, error=f"{type(e).__name__}: {e}")
+            except OSError as write_error:  # e.g. the disk is still full: the lease goes, the run reads as stale
+                print(f"[train] could not write {run.status}: {write_error}", file=sys.stderr, flush=True)
         raise
     finally:
         bar.close()

@@ -414,3 +414,17 @@ def test_a_full_disk_at_save_gives_one_line_and_the_real_step(tmp_path, monkeypa
     status = read_status(run)
     assert status["state"] == "failed" and status["step"] == 6 and "no space left" in status["error"]
     assert list_steps(run) == [3] and not list(run.checkpoints.glob(".tmp*"))
+
+
+def test_the_slurm_job_is_named_as_squeue_names_it(tmp_path, monkeypatch):
+    run = RunDir(tmp_path / "r").create()
+    monkeypatch.setenv("SLURM_JOB_ID", "33")  # an array task has a job id of its own...
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "32")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    lease = acquire_lease(run)
+    write_status(run, "running", 5)
+    assert lease.info["slurm_job_id"] == "32_1" and read_status(run)["slurm_job"] == "32_1"  # ...scancel 32 is all
+    lease.release()
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
+    write_status(run, "done", 6)
+    assert read_status(run)["slurm_job"] == "33"

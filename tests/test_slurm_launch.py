@@ -186,3 +186,17 @@ def test_a_failing_job_is_failed_in_its_run_directory_and_the_launch_exits_1(tmp
     assert re.search(r": failed \(FloatingPointError: gradient norm is nan at step 2", proc.stdout), proc.stdout
     status = read_status(run_dir_for(config_from_overrides(overrides)))
     assert status["state"] == "failed" and status["error"].startswith("FloatingPointError: gradient norm is nan")
+
+
+def test_a_one_cpu_job_runs_torch_with_one_thread_and_names_its_job_as_squeue(tmp_path):
+    overrides = ["model=laptop_s", "patch=8", *TINY, "train.steps=2", "train.ckpt_every=2", "eval.inline=false",
+                 "eval.num_samples=16", "eval.num_ref=64", "eval.sampling_steps=2", "eval.batch_size=16",
+                 f"output_root={tmp_path}"]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    proc = subprocess.run([sys.executable, "-m", "scaling.launch", "-m", *overrides, *SLURM], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=360)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    (job_id,) = re.findall(r"^\[launch\] job (\S+): ", proc.stdout, re.M)
+    run = run_dir_for(config_from_overrides(overrides))
+    assert json.loads(run.plan.read_text())["cpu_threads"] == 1  # the node has 2 cores; the job has 1
+    assert read_status(run)["slurm_job"] == job_id  # e.g. 32_0, as the launch printed it and squeue shows it
