@@ -428,3 +428,27 @@ def test_the_slurm_job_is_named_as_squeue_names_it(tmp_path, monkeypatch):
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID")
     write_status(run, "done", 6)
     assert read_status(run)["slurm_job"] == "33"
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_whole_job_with_wandb_offline_preempts_and_never_fails(tmp_path):
+    """scontrol requeue signals every process of the job, wandb's service too: whatever its finish() raises then,
+    the checkpoint and the preempted status come first and the run is not failed."""
+    argv = tiny(tmp_path, "train.steps=100000", "train.ckpt_every=100000", "wandb=offline")
+    run = run_dir_for(config_from_overrides(argv))
+    with open(tmp_path / "job.log", "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "scaling.launch", *argv], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT, env={**ENV, "WANDB_MODE": "offline"},
+                                start_new_session=True)
+    try:
+        wait_for(lambda: len(read_jsonl(run.metrics)) >= 5, 180, "five steps")
+        os.killpg(proc.pid, signal.SIGTERM)  # the whole process group, as SLURM signals a job step
+        rc = proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = (tmp_path / "job.log").read_text()
+    status = read_status(run)
+    assert status["state"] == "preempted" and list_steps(run) == [status["step"]], out
+    assert rc == 3, out
+    assert any((run.path / "wandb").glob("offline-run-*")), "wandb wrote its offline run"
