@@ -380,14 +380,11 @@ def named_metrics(raw: dict, backend: str, num_samples: int) -> dict:
 
 
 def as_run(run_dir):
-
     return run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
 
 
 def run_config(run_dir):
     """The RunConfig in a run's config.yaml."""
-
-
     return config_from_dict(OmegaConf.to_container(OmegaConf.load(as_run(run_dir).config)))
 
 
@@ -397,7 +394,6 @@ def run_eval_config(run_dir) -> EvalConfig:
 
 
 def find_eval(run_dir, step: int, setting: str) -> Optional[dict]:
-
     return next((r for r in read_jsonl(as_run(run_dir).evals) if r.get("step") == step
                  and r.get("setting") == setting), None)
 

@@ -575,3 +575,29 @@ def test_checks_that_depend_on_where_the_jobs_run(tmp_path, capsys, monkeypatch)
     assert captured.err.strip() == ("warning: data.path=/nope is not on this machine; planned from data.image_size=256"
                                     " and data.num_classes=1000")
     assert "dit_xl-p2" in captured.out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["--config-name", "paper", "-m"], ["--config-name", "sampling", "-m"],
+                                  ["--config-name", "laptop", "-m", "+train.extra=1"],
+                                  ["--config-name", "laptop_blocks", "-m"],
+                                  ["-m", "model=laptop_s,dit_b", "patch=2,8", "train.lr=3e-4", "data.flip=false"]],
+                         ids=["paper", "sampling", "laptop+append", "laptop_blocks", "command-line grid"])
+def test_composing_once_per_group_choice_gives_the_configs_of_full_composition(argv):
+    args = parse_args(argv)
+    hydra = launch.make_hydra(args)
+    master = launch.compose_master(hydra, args)
+    grid = launch.expand_grid(hydra, master, args)
+    composer = launch.Composer(hydra, master, launch.group_dirs(args))
+    sample = grid[:: max(1, len(grid) // 12)]  # every point of a 12-point grid; 12 of the 72-point one
+    if "+train.extra=1" in argv:  # an appended key is not in the schema: both ways refuse it
+        with pytest.raises(Exception, match="extra"):
+            composer.point(sample[0])
+        with pytest.raises(Exception, match="extra"):
+            composer.point(sample[0], fast=False)
+        return
+    fast = [composer.point(overrides) for overrides in sample]
+    models = {o for p in sample for o in p if o.startswith("model=")} or {"the config's model"}
+    assert len(composer.composed) == len(models)  # one composition per model: patch etc. are set on a copy
+    full = launch.Composer(hydra, master, launch.group_dirs(args))
+    for overrides, cfg in zip(sample, fast):
+        assert cfg == full.point(overrides, fast=False), overrides
