@@ -107,6 +107,42 @@ def make_laptop_grid(root, eval_steps=(250, 500, 1000, 2000, 4000, 8000), noise=
     return paths
 
 
+# The synthetic loss law of `loss_table`: L(N, D) = E + A / N^a + B / D^b, N in Gflops/img, D in images.
+LOSS_LAW = {"E": 0.05, "A": 0.01, "a": 0.35, "B": 3.0, "b": 0.45}
+FD_LAW = {"F": 2.0e5, "k": 2.5}   # FD = F L^k on the evaluated checkpoints
+
+
+def loss_table(seed=0, sigma=0.005, steps=tuple(range(50, 1201, 50)), batch_img=32, eval_every=300, seeds=(0,),
+               law=None, fd_sigma=0.03):
+    """A results table (scaling.results columns) of the 12-model laptop grid whose held-out loss `val_mse_ema`
+    follows LOSS_LAW x lognormal(sigma) at every logged step, and whose `fd` follows FD_LAW x lognormal(fd_sigma)
+    at every `eval_every` steps (metric fd500_domain). `seeds` replicates every model."""
+    import pandas as pd
+
+    law = {**LOSS_LAW, **(law or {})}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for size in SIZES:
+        for patch in PATCHES:
+            g = _PAPER_GFLOPS[(size, patch)] / 1000.0
+            for s0 in seeds:
+                run_id = f"laptop_{size}-p{patch}-adaln_zero-animal_mnist16-s{s0}-synth000"
+                for step in steps:
+                    d = step * batch_img
+                    loss = (law["E"] + law["A"] * g ** -law["a"] + law["B"] * d ** -law["b"]) * np.exp(
+                        rng.normal(0, sigma))
+                    row = {"run_id": run_id, "model": f"laptop_{size}", "family": "laptop", "patch": patch,
+                           "block": "adaln_zero", "params": int(_PAPER_PARAMS_M[size] * 1e4), "gflops_per_img": g,
+                           "batch_img": batch_img, "seed": s0, "step": step, "img_seen": d,
+                           "train_flops": g * 1e9 * batch_img * step * 3, "val_mse_ema": loss}
+                    if step % eval_every == 0:
+                        row.update(fd=FD_LAW["F"] * loss ** FD_LAW["k"] * np.exp(rng.normal(0, fd_sigma)),
+                                   metric_name="fd500_domain", metric_label="FD-500 (domain features)",
+                                   feature_extractor="domain", num_samples=500)
+                    rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def write_example_figures(out_dir="docs/figures") -> None:
     """docs/figures/: Fig. 8 from the paper's Table 4, and placeholder Fig. 6 / Fig. 9 from the synthetic
     laptop grid (example_*.png, marked as synthetic until real laptop-study results exist).
