@@ -249,8 +249,9 @@ def fig8_gflops(df: pd.DataFrame, out_dir, step: int | None = None, overlay_pape
     ax.set_ylabel(metric)
     ax.set_title(f"{short} vs model compute at {_steps_formatter(step, None)} steps (Fig. 8)\n"
                  f"Pearson r({short}, log10 Gflops) = {r:.2f}", fontsize=10)
-    ax.add_artist(ax.legend(handles=models, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8,
-                            frameon=False))
+    # The models in a figure legend right of the axes, the fit in the axes' own legend. (A second ax.legend kept
+    # through ax.add_artist is clipped to the axes by matplotlib >= 3.10: outside them it was never drawn.)
+    fig.legend(handles=models, loc="outside right center", fontsize=8, frameon=False)
     ax.legend(handles=[h for h in ax.get_legend_handles_labels()[0] if h not in models], loc="lower left",
               fontsize=7.5, frameon=True, framealpha=0.9)
     return save(FigureOutput(name, fig, pd.DataFrame(rows), fits=fits), out_dir)

@@ -8,6 +8,7 @@ import pytest
 from analysis.figures import (PAPER_LABEL, NoData, fig5_blocks, fig6_steps, fig8_gflops, fig9_train_compute,
                               fig10_sampling_compute, main, model_label)
 from fakes import make_fake_run, make_laptop_grid
+from helpers import drawn_legend_texts
 from scaling.results import REFERENCE_CSV, collect, paper_table
 
 
@@ -187,3 +188,15 @@ def test_cli_output_root_skips_figures_without_data(tmp_path, capsys):
     assert {"fig6_fid_vs_steps.png", "fig8_fid_vs_gflops.pdf", "fig9_fid_vs_train_compute.csv", "fits.json"} <= names
     fits = json.loads((tmp_path / "figs" / "fits.json").read_text())
     assert set(fits) == {"fig8", "fig9"}
+
+
+@pytest.mark.parametrize("make", [fig6_steps, fig8_gflops, fig9_train_compute, fig10_sampling_compute, fig5_blocks])
+def test_every_plotted_model_is_named_in_a_drawn_legend(laptop, tmp_path, make):
+    """Read the legends back from the saved figure's objects: each plotted run's label is in a legend that is
+    drawn (matplotlib >= 3.10 clips a legend kept through ax.add_artist to the axes, so Fig. 8 lost its 12)."""
+    out = make(laptop, tmp_path, **({"n_boot": 30} if make in (fig8_gflops, fig9_train_compute) else {}))
+    labels = set(out.data["label"].dropna()) - {"fit", "frontier fit"}
+    if "kind" in out.data.columns:
+        labels = set(out.data.loc[out.data["kind"].isin(["point", "checkpoint"]), "label"]) or labels
+    texts = drawn_legend_texts(out.fig)
+    assert labels and labels <= set(texts), sorted(labels - set(texts))
