@@ -18,10 +18,12 @@ from scaling.models import BLOCKS, MODELS, ModelConfig
 from scaling.rundir import RunDir
 from scaling.tracking import WandbConfig
 from scaling.train import TrainConfig
+from scaling.valloss import ValConfig, check_config as check_val
 
 # Settings that do not change what is trained: excluded from the run id, so that e.g. a longer horizon
 # (constant learning rate) or another checkpoint interval continues the same run.
-_NOT_TRAINING = {"train": ("steps", "ckpt_every", "log_every", "grid_every", "num_workers", "device")}
+_NOT_TRAINING = {"train": ("steps", "ckpt_every", "log_every", "grid_every", "num_workers", "device"),
+                 "val": ("every", "timesteps", "noise_seed", "raw", "batch_img")}  # the split is training data
 
 
 @dataclass
@@ -37,6 +39,7 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    val: ValConfig = field(default_factory=ValConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -95,7 +98,7 @@ def family(model_name: str) -> str:
 def run_id(cfg: RunConfig) -> str:
     """Readable name + short hash of everything that changes training (not the horizon or logging)."""
     d = config_to_dict(cfg)
-    keep = {k: d[k] for k in ("model", "patch", "block", "seed", "data", "diffusion", "train")}
+    keep = {k: d[k] for k in ("model", "patch", "block", "seed", "data", "diffusion", "train", "val")}
     for group, keys in _NOT_TRAINING.items():
         keep[group] = {k: v for k, v in keep[group].items() if k not in keys}
     from scaling.models import MODELS
@@ -145,7 +148,7 @@ def make_plan(cfg: RunConfig, device: str = "cpu", world_size: int = 1, count: s
         "gflops_per_img": float(gflops), "gflops_counter": count, "tokens": (spec["input_size"] // cfg.patch) ** 2,
         "batch_img": tc.batch_img, "steps": tc.steps, "img_total": tc.batch_img * tc.steps,
         "train_flops": float(gflops) * 1e9 * tc.batch_img * tc.steps * 3,
-        "dataset": cfg.data.name, "resolution": cfg.data.image_size, **spec,
+        "dataset": cfg.data.name, "resolution": cfg.data.image_size, "heldout_img": cfg.val.heldout_img, **spec,
         "device": device, "world_size": world_size,
     }
 
@@ -175,6 +178,7 @@ def validate(cfg: RunConfig) -> None:
     from scaling.evaluate import validate_eval
 
     validate_eval(cfg.eval)
+    check_val(cfg.val, tc.log_every)
     _check_writable(cfg.output_root)
 
 

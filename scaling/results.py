@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.rundir import RunDir, read_json, read_jsonl_counting
+from scaling.rundir import RunDir, read_json, read_jsonl, read_jsonl_counting
+from scaling.valloss import with_val_rows
 
 # The table's columns in order (docs/design.md); named metrics from evals.jsonl `metrics` follow them.
 COLUMNS = [
@@ -94,8 +95,9 @@ def run_rows(run: RunDir) -> tuple[list[dict], int]:
         "resolution": plan.get("resolution", plan.get("input_size")), "seed": plan.get("seed"),
         "steps": plan.get("steps"), "state": status.get("state", "pending"), "last_step": status.get("step"),
     }
+    metrics = read_jsonl(run.metrics)  # held-out losses (val_*) join the table: scaling.valloss.with_val_rows
     if not evals:
-        return [dict(base)], bad
+        return with_val_rows([dict(base)], base, metrics), bad
     # One row per (step, setting); a checkpoint evaluated twice with one setting keeps the latest line.
     latest = {}
     for e in evals:
@@ -119,7 +121,7 @@ def run_rows(run: RunDir) -> tuple[list[dict], int]:
             if name not in COLUMNS:
                 row[name] = value
         rows.append(row)
-    return rows, bad
+    return with_val_rows(rows, base, metrics), bad
 
 
 def tidy(rows: list[dict]) -> pd.DataFrame:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from scaling.checkpoint import load_latest, save_checkpoint
 from scaling.rundir import (RunDir, append_jsonl, heartbeat, read_status, run_lock, truncate_jsonl, write_json,
                             write_status, atomic_write_text)
+from scaling.valloss import split_heldout
 
 # Dense bf16 peak of the GPUs we know, for MFU (vendor datasheets; SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -275,7 +276,7 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
         tracker.finish()
         return read_status(run)
 
-    dataset = build_dataset(cfg.data)
+    dataset, heldout = split_heldout(build_dataset(cfg.data), cfg.val, diffusion, plan["pixel_space"], device, tc.steps)
     loader = DataLoader(Flipped(dataset), num_workers=tc.num_workers, pin_memory=device.type == "cuda",
                         batch_sampler=StepBatches(len(dataset), tc.batch_img, cfg.seed, step, tc.steps, rank,
                                                   world, cfg.data.flip))
@@ -333,6 +334,7 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
                     if peak:  # model flops: 3 passes x 2 flops per multiply-add (paper counts MACs)
                         row["mfu"] = 3 * 2 * plan["gflops_per_img"] * 1e9 * img_per_s / (peak * world)
                 if rank == 0:
+                    row.update(heldout.log_row(step, ema, model))  # val_* columns (scaling/valloss.py)
                     append_jsonl(run.metrics, row)
                     tracker.log(row)
                     heartbeat(run)
