@@ -22,7 +22,8 @@ from scaling.valloss import ValConfig, check_config as check_val
 
 # Settings that do not change what is trained: excluded from the run id, so that e.g. a longer horizon
 # (constant learning rate) or another checkpoint interval continues the same run.
-_NOT_TRAINING = {"train": ("steps", "ckpt_every", "log_every", "grid_every", "num_workers", "device"),
+_NOT_TRAINING = {"train": ("steps", "budget_flops", "ckpt_every", "log_every", "grid_every", "num_workers",
+                           "device"),
                  "val": ("every", "timesteps", "noise_seed", "raw", "batch_img")}  # the split is training data
 
 
@@ -41,6 +42,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     val: ValConfig = field(default_factory=ValConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        if self.train.budget_flops > 0 and self.model.name in MODELS:  # a compute horizon sets the step count
+            self.train.steps = budget_steps(self)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
@@ -120,6 +125,19 @@ def build_model_for(cfg: RunConfig, spec: dict):
                        class_dropout=cfg.model.class_dropout)
 
 
+def budget_steps(cfg: RunConfig) -> int:
+    """The step count of a compute budget: steps = budget_flops / (gflops_per_img x 1e9 x batch_img x 3), the
+    project's one FLOP convention solved for steps, rounded to the nearest step (at least 1). Gflops come from the
+    closed form (no model is built; within 0.5% of fvcore's count, which plan.json's train_flops uses), so the
+    plan's train_flops can differ from the budget by that and by the rounding; the plan shows both."""
+    from scaling.flops import closed_form_gflops
+
+    spec = data_spec(cfg.data, require_data=False)
+    g = closed_form_gflops(cfg.model.name, cfg.patch, spec["input_size"], spec["in_channels"], block=cfg.block,
+                           learn_sigma=cfg.model.learn_sigma)
+    return max(1, round(cfg.train.budget_flops / (g * 1e9 * cfg.train.batch_img * 3)))
+
+
 def make_plan(cfg: RunConfig, device: str = "cpu", world_size: int = 1, count: str = "fvcore") -> dict:
     """params, gflops_per_img, tokens, batch_img, steps, train_flops, ... for plan.json and the dry run.
 
@@ -147,6 +165,7 @@ def make_plan(cfg: RunConfig, device: str = "cpu", world_size: int = 1, count: s
         "block": cfg.block, "seed": cfg.seed, "sweep": cfg.sweep, "params": int(params),
         "gflops_per_img": float(gflops), "gflops_counter": count, "tokens": (spec["input_size"] // cfg.patch) ** 2,
         "batch_img": tc.batch_img, "steps": tc.steps, "img_total": tc.batch_img * tc.steps,
+        "budget_flops": tc.budget_flops or None,
         "train_flops": float(gflops) * 1e9 * tc.batch_img * tc.steps * 3,
         "dataset": cfg.data.name, "resolution": cfg.data.image_size, "heldout_img": cfg.val.heldout_img, **spec,
         "device": device, "world_size": world_size,
@@ -173,6 +192,8 @@ def validate(cfg: RunConfig) -> None:
             raise ValueError(f"train.{key}={getattr(tc, key)} must be > 0")
     if not 0.0 <= tc.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={tc.ema_decay} must be in [0, 1)")
+    if tc.budget_flops < 0:
+        raise ValueError(f"train.budget_flops={tc.budget_flops} must be >= 0 (0: train.steps is the horizon)")
     if tc.lr <= 0:
         raise ValueError(f"train.lr={tc.lr} must be > 0")
     from scaling.evaluate import validate_eval

@@ -35,6 +35,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 @dataclass
 class TrainConfig:
     steps: int = 400_000         # horizon in optimizer steps (images = steps x batch_img)
+    budget_flops: float = 0.0    # > 0: a compute horizon in FLOPs that sets steps (scaling.config.budget_steps)
     batch_img: int = 256         # global batch, split evenly across ranks
     lr: float = 1e-4             # AdamW, constant (paper section 4)
     weight_decay: float = 0.0
