@@ -218,7 +218,7 @@ def pearson_log(df: pd.DataFrame, x_col: str, y_col: str) -> float:
 # ----------------------------------------------------------------------------- compute-optimal frontier
 
 
-def frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fid") -> pd.DataFrame:
+def frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fd") -> pd.DataFrame:
     """The compute-optimal frontier: checkpoints (sorted by compute) that reach a new lowest metric.
 
     Every point on it is the best any run achieved with at most that much training compute.
@@ -234,14 +234,14 @@ def _new_minimum(metric_sorted: np.ndarray) -> np.ndarray:
     return metric_sorted < prev_best
 
 
-def fit_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fid",
+def fit_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fd",
                  floor: bool = False, huber_scale: float = 0.1, starts=None) -> PowerLawFit:
     """Power-law fit of the frontier points: metric = E + A * compute^-alpha."""
     f = frontier(df, compute_col, metric_col)
     return fit_power_law(f[compute_col], f[metric_col], floor=floor, huber_scale=huber_scale, starts=starts)
 
 
-def bootstrap_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fid",
+def bootstrap_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fd",
                        group_col: str = "run_id", n_boot: int = 500, seed: int = 0, floor: bool = False,
                        level: float = 0.95, x_pred=None) -> BootstrapFit:
     """The frontier fit with CIs from resampling whole runs: each resample recomputes the frontier, then fits it."""
@@ -282,7 +282,7 @@ def _interp_loglog(log_c, log_y, log_b) -> float:
 
 
 def compute_optimal_model(df: pd.DataFrame, budget: float, compute_col: str = "train_flops",
-                          metric_col: str = "fid", group_col: str = "run_id", n_boot: int = 500,
+                          metric_col: str = "fd", group_col: str = "run_id", n_boot: int = 500,
                           seed: int = 0) -> ComputeOptimal:
     """Which run reaches the lowest metric with `budget` training compute, and how sure that is.
 

@@ -72,12 +72,13 @@ def run_row(run: RunDir, stale_s: float = STALE_S) -> dict:
 
 def eval_label(row: dict | None) -> str:
     """'FD-1K(domain) 41.20 @3000': the value, the feature space and sample count, and the step evaluated."""
-    if not row or row.get("fid") is None:
+    fd = row.get("fd", row.get("fid")) if row else None  # evals.jsonl rows before the fd key: "fid"
+    if fd is None:
         return ""
     n = int(row.get("num_samples") or 0)
     samples = f"{n / 1000:g}K" if n >= 1000 else str(n)
-    name = "FID" if str(row.get("feature_extractor", "")).startswith("inception") else "FD"
-    return f"{name}-{samples}({row.get('feature_extractor')}) {row['fid']:.2f} @{row.get('step')}"
+    name = "FID" if row.get("feature_extractor") == "inception" else "FD"  # inception_offline: other weights
+    return f"{name}-{samples}({row.get('feature_extractor')}) {fd:.2f} @{row.get('step')}"
 
 
 def age(t: float | None, now: float) -> str:

@@ -103,8 +103,8 @@ def test_latents_report_nats_per_dim_and_raw_weights_on_request():
 def test_with_val_rows_joins_the_results_table():
     base = {"run_id": "r", "model": "laptop_s"}
     metrics = [{"step": s, "img_seen": 8 * s, "loss": 1.0, "val_mse_ema": 1.0 / s} for s in (1, 2, 3)]
-    rows = with_val_rows([{**base, "step": 3, "fid": 9.0}], base, metrics)
-    assert [(r["step"], r.get("fid"), r["val_mse_ema"]) for r in rows] == [(3, 9.0, 1 / 3), (1, None, 1.0),
+    rows = with_val_rows([{**base, "step": 3, "fd": 9.0}], base, metrics)
+    assert [(r["step"], r.get("fd"), r["val_mse_ema"]) for r in rows] == [(3, 9.0, 1 / 3), (1, None, 1.0),
                                                                           (2, None, 0.5)]
     assert with_val_rows([dict(base)], base, metrics)[0]["step"] == 1  # the placeholder row makes way
     assert with_val_rows([dict(base)], base, [{"step": 1, "loss": 1.0}]) == [base]  # no held-out loss: unchanged
