@@ -4,6 +4,9 @@
     python -m analysis.figures outputs/ -o figures/              # collect the run directories first
     python -m analysis.figures --reference -o figures/           # Fig. 8 from the paper's Table 4 alone
 
+With a held-out loss in the table (runs trained with scaling/valloss.py) the CLI also writes the law figures and
+laws.json of analysis.law_figures (isoFLOP profiles, N_opt(C), held-out forecasts).
+
 One function per figure (paper numbering): Fig. 5 block designs, Fig. 6 FID vs training steps, Fig. 8 FID vs
 Gflops, Fig. 9 FID vs training compute, Fig. 10 FID vs sampling compute. A figure without data raises NoData
 (the CLI prints the reason and goes on). Axes name the metric's feature space (`metric_label`), so a laptop
@@ -455,6 +458,10 @@ def main(argv=None) -> int:
     df = paper_table() if args.reference else read_table(args.source)
     build_all(df, args.out, step=args.step, overlay_paper=args.overlay_paper, only_fig8=reference,
               n_boot=args.n_boot, seed=args.seed)
+    from analysis.law_figures import LOSS_COL, build_laws  # here: law_figures builds on this module
+
+    if LOSS_COL in df.columns and df[LOSS_COL].notna().any():  # runs trained with the held-out loss
+        build_laws(df, args.out, n_boot=min(args.n_boot, 200), seed=args.seed)
     return 0
 
 

@@ -147,6 +147,8 @@ def forecast_curve_end(df: pd.DataFrame, y_col: str, frac: float = 0.5, x_col: s
     """Per run: fit y = E + B x^-b to the points with x <= frac x_max, predict y at x_max; naive: the last value
     seen. Runs with fewer than `min_points` points in their first part are skipped (a floor needs 3+, and a
     4th point to check it); raises when no run has enough."""
+    if min_points < 3:
+        raise ValueError(f"min_points={min_points}: a curve with a floor needs 3+ points")
     d = _finite(df, x_col, y_col)
     d = d[d[x_col] > 0]
     rows, laws = [], {}

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from analysis.figures import NoData
+from analysis.figures import main as figures_main
 from analysis.forecasts import forecast_curve_end
 from analysis.law_figures import (build_laws, compute_envelope, fd_vs_loss, isoflop_figure, loss_curves, main,
                                   predicted_vs_measured)
@@ -78,6 +79,10 @@ def test_cli(tmp_path, capsys):
     assert main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "figs"), "--n-boot", "10"]) == 0
     printed = capsys.readouterr().out
     assert "forecast_largest (val_mse_ema): median |error|" in printed
+    # the paper figures' CLI (what `launch ... analyze=true` runs) adds the law figures when the loss is there
+    assert figures_main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "all"), "--n-boot", "10"]) == 0
+    assert {"fig8_fid_vs_gflops.png", "isoflop_profiles.png", "laws.json"} <= {p.name for p in
+                                                                             (tmp_path / "all").iterdir()}
     laws = json.loads((tmp_path / "figs" / "laws.json").read_text())
     # 3 points in the first half of each curve: too few for a curve with a floor, so that check says why
     assert "no run has 4+ points of val_mse_ema" in laws["skipped_checks"]["forecast_curve_end"]
