@@ -278,8 +278,9 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
     for key, make in makers.items():
         try:
             out = make()
-        except NoData as e:
+        except ValueError as e:  # NoData, or a fit with too few points (a short study): say why, go on
             print(f"[law_figures] skipped {key}: {e}")
+            fits.setdefault("skipped_figures", {})[key] = str(e)
             continue
         outputs.append(out)
         fits[key] = out.fits

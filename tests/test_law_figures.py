@@ -64,6 +64,13 @@ def test_csvs_hold_the_minima_and_every_check(built):
     assert set(pv["check"]) == {"forecast_largest", "forecast_fd", "forecast_curve_end"}
 
 
+def test_a_short_study_skips_what_it_cannot_fit(tmp_path, capsys):
+    outputs, fits = build_laws(loss_table(steps=(4,), eval_every=4), tmp_path, n_boot=5)  # one point per run
+    assert "loss_curves" in {o.name for o in outputs}
+    assert fits["skipped_figures"] and fits["skipped_checks"]  # each with its reason, none raised
+    assert "[law_figures] skipped" in capsys.readouterr().out
+
+
 def test_no_loss_column_is_no_data(tmp_path):
     df = loss_table(steps=(300, 600)).drop(columns=["val_mse_ema"])
     with pytest.raises(NoData, match="no 'val_mse_ema' column"):
