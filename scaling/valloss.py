@@ -43,8 +43,11 @@ class ValConfig:
     batch_img: int = 256        # images per forward pass
 
 
-def check_config(cfg: ValConfig, log_every: int) -> None:
-    """One-line ValueErrors for a config that cannot work (cheap: reads no data)."""
+def check_config(cfg: ValConfig, log_every: int, max_images: int | None = None) -> None:
+    """One-line ValueErrors for a config that cannot work (cheap: reads no data; split_indices checks the
+    dataset's real size)."""
+    if max_images is not None and cfg.heldout_img > max_images // 2:
+        raise ValueError(f"val.heldout_img={cfg.heldout_img} is more than half of data.max_images={max_images}")
     for key in ("heldout_img", "every"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"val.{key}={getattr(cfg, key)} must be >= 0")

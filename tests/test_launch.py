@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "scaling" / "reference" / "dit_table4.csv"
 TINY = ["model=laptop_s", "data.image_size=16", "data.max_images=256", "train.batch_img=8", "train.log_every=1",
         "train.ckpt_every=3", "train.steps=6", "eval.num_samples=16", "eval.num_ref=64", "eval.sampling_steps=5",
-        "eval.batch_size=16", "wandb=disabled"]
+        "eval.batch_size=16", "wandb=disabled", "val.heldout_img=32"]
 
 
 cli = run_launch

@@ -59,6 +59,8 @@ def test_grid_and_buckets():
         ["t750_999"] * 2
     with pytest.raises(ValueError, match="multiple of train.log_every=50"):
         check_config(ValConfig(every=75), 50)
+    with pytest.raises(ValueError, match="more than half of data.max_images=256"):
+        check_config(ValConfig(heldout_img=256), 50, max_images=256)
 
 
 def _heldout(pixel_space=True, channels=1, **cfg):
