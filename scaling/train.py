@@ -35,7 +35,6 @@ PRECISIONS = ("auto", "bf16", "fp32")
 @dataclass
 class TrainConfig:
     steps: int = 400_000         # horizon in optimizer steps (images = steps x batch_img)
-    budget_flops: float = 0.0    # > 0: a compute horizon in FLOPs that sets steps (scaling.config.budget_steps)
     batch_img: int = 256         # global batch, split evenly across ranks
     lr: float = 1e-4             # AdamW, constant (paper section 4)
     weight_decay: float = 0.0
@@ -50,6 +49,7 @@ class TrainConfig:
     log_every: int = 100         # steps between metrics.jsonl rows
     grid_every: int = 0          # steps between EMA sample grids when evals are off; 0 = at checkpoints
     num_workers: int = 0         # data loader processes (0: in-process, right for the in-memory datasets)
+    budget_flops: float = 0.0    # > 0: a compute horizon in FLOPs that sets steps (scaling.config.budget_steps)
 
 
 # ----------------------------------------------------------------------------- data order
