@@ -10,6 +10,7 @@ from scaling.checkpoint import checkpoint_path, load_checkpoint
 from scaling.config import build_model_for, config_from_overrides, make_plan, run_dir_for, run_id
 from scaling.diffusion import Diffusion, DiffusionConfig
 from scaling.models import build_model
+from scaling.results import collect
 from scaling.rundir import read_jsonl
 from scaling.train import batch_indices, train
 from scaling.valloss import (HeldOut, TrainSplit, ValConfig, bucket_name, check_config, split_indices,
@@ -153,3 +154,6 @@ def test_training_logs_the_held_out_loss_and_never_reads_held_out_images(tmp_pat
     again = HeldOut(x, held, cfg.val, Diffusion(cfg.diffusion), True, "cpu", 3).losses(ema)
     assert again == {k: v for k, v in rows[-1].items() if k.startswith("val_")}
     assert plan["heldout_img"] == 32
+    table = collect([tmp_path])  # into the results table: one row per logged step, no evals here
+    assert table["step"].tolist() == [1, 2, 3] and table["fd"].isna().all()
+    assert table["val_mse_ema"].tolist() == [r["val_mse_ema"] for r in rows]
