@@ -1,6 +1,7 @@
 """Run directories -> one tidy results table (docs/design.md, "Results table").
 
-One row per evaluated checkpoint and eval setting; a run without evals still gives one row (metrics empty,
+One row per evaluated checkpoint and eval setting (plus one per other logged step with a held-out loss,
+scaling.valloss.with_val_rows); a run with neither still gives one row (metrics empty,
 `step` empty) so that a status view can list it. Analysis reads only this table and `scaling/reference/`.
 
     python -m scaling.results outputs/ [more_roots ...] [-o results.csv]
