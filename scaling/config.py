@@ -199,7 +199,7 @@ def validate(cfg: RunConfig) -> None:
     from scaling.evaluate import validate_eval
 
     validate_eval(cfg.eval)
-    check_val(cfg.val, tc.log_every, cfg.data.max_images)
+    check_val(cfg.val, tc.log_every)
     _check_writable(cfg.output_root)
 
 

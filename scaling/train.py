@@ -277,7 +277,7 @@ def _train_locked(cfg, run, plan, rank, world, device, build_dataset, build_mode
         tracker.finish()
         return read_status(run)
 
-    dataset, heldout = split_heldout(build_dataset(cfg.data), cfg.val, diffusion, plan["pixel_space"], device, tc.steps)
+    dataset, heldout = split_heldout(build_dataset, cfg.data, cfg.val, diffusion, plan["pixel_space"], device, tc.steps)
     loader = DataLoader(Flipped(dataset), num_workers=tc.num_workers, pin_memory=device.type == "cuda",
                         batch_sampler=StepBatches(len(dataset), tc.batch_img, cfg.seed, step, tc.steps, rank,
                                                   world, cfg.data.flip))

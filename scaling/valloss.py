@@ -1,8 +1,9 @@
 """Held-out diffusion loss: a split of the training data that training never sees, and a deterministic loss on it.
 
-The split: `val.heldout_img` images (default 256) drawn by a permutation seeded with `val.split_seed` (not the
-run's seed, so every run of a study holds out the same images) are removed from the training set; training draws
-its batches from the rest (`TrainSplit`). The split changes what is trained, so it is part of the run id.
+The split: `val.heldout_img` images (default 256) drawn from the whole dataset by a permutation seeded with
+`val.split_seed` (not the run's seed, so every run of a study holds out the same images) are removed from the
+training set; training draws its batches from the rest (`TrainSplit`; `data.max_images` takes its strided subset
+of the rest). The split changes what is trained, so it is part of the run id.
 
 The loss (`HeldOut.losses`), on the EMA weights and optionally the raw ones, in fp32 with the model in eval mode
 (no label dropout): every held-out image with its own label, at a fixed grid of `val.timesteps` timesteps
@@ -23,12 +24,13 @@ evaluation: (timesteps + 1) x heldout_img forward passes per weight set (2,304 w
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from scaling.data import strided_subset
 from scaling.diffusion import Diffusion, mean_flat
 
 
@@ -43,11 +45,9 @@ class ValConfig:
     batch_img: int = 256        # images per forward pass
 
 
-def check_config(cfg: ValConfig, log_every: int, max_images: int | None = None) -> None:
+def check_config(cfg: ValConfig, log_every: int) -> None:
     """One-line ValueErrors for a config that cannot work (cheap: reads no data; split_indices checks the
-    dataset's real size)."""
-    if max_images is not None and cfg.heldout_img > max_images // 2:
-        raise ValueError(f"val.heldout_img={cfg.heldout_img} is more than half of data.max_images={max_images}")
+    dataset's size)."""
     for key in ("heldout_img", "every"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"val.{key}={getattr(cfg, key)} must be >= 0")
@@ -186,13 +186,20 @@ def _buckets(grid: np.ndarray, num_timesteps: int) -> dict:
     return out
 
 
-def split_heldout(dataset: Dataset, cfg: ValConfig, diffusion: Diffusion, pixel_space: bool, device,
+def split_heldout(build_dataset, data_cfg, cfg: ValConfig, diffusion: Diffusion, pixel_space: bool, device,
                   steps: int) -> tuple[Dataset, HeldOut]:
-    """(the training split, the held-out set) of `dataset`: the one call the training loop makes."""
+    """(the training set, the held-out set): the one call the training loop makes.
+
+    The held-out images are drawn from the whole dataset, before `data.max_images` picks its evenly strided
+    subset of the rest for training, so a quick run (max_images=256) and the full run hold out the same images.
+    `build_dataset` is scaling.data.build_dataset (passed in: the loop's own reference to it)."""
     if cfg.heldout_img == 0:
-        return dataset, HeldOut(dataset, np.array([], dtype=np.int64), cfg, diffusion, pixel_space, device, steps)
-    train_idx, heldout_idx = split_indices(len(dataset), cfg)
-    return TrainSplit(dataset, train_idx), HeldOut(dataset, heldout_idx, cfg, diffusion, pixel_space, device, steps)
+        return build_dataset(data_cfg), HeldOut([], np.array([], dtype=np.int64), cfg, diffusion, pixel_space,
+                                                device, steps)
+    full = build_dataset(replace(data_cfg, max_images=None))
+    train_idx, heldout_idx = split_indices(len(full), cfg)
+    train_idx = train_idx[strided_subset(len(train_idx), data_cfg.max_images)]
+    return TrainSplit(full, train_idx), HeldOut(full, heldout_idx, cfg, diffusion, pixel_space, device, steps)
 
 
 # ----------------------------------------------------------------------------- into the results table
