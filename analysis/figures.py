@@ -4,6 +4,9 @@
     python -m analysis.figures outputs/ -o figures/              # collect the run directories first
     python -m analysis.figures --reference -o figures/           # Fig. 8 from the paper's Table 4 alone
 
+With a held-out loss in the table (runs trained with scaling/valloss.py) the CLI also writes the law figures and
+laws.json of analysis.law_figures (isoFLOP profiles, N_opt(C), held-out forecasts).
+
 One function per figure (paper numbering): Fig. 5 block designs, Fig. 6 FID vs training steps, Fig. 8 FID vs
 Gflops, Fig. 9 FID vs training compute, Fig. 10 FID vs sampling compute. A figure without data raises NoData
 (the CLI prints the reason and goes on). Axes name the metric's feature space (`metric_label`), so a laptop
@@ -74,7 +77,7 @@ def _style(model, patch) -> dict:
 
 
 def evaluated(df: pd.DataFrame) -> pd.DataFrame:
-    d = df[df["fid"].notna() & df["step"].notna()].copy()
+    d = df[df["fd"].notna() & df["step"].notna()].copy()
     d["step"] = d["step"].astype("int64")
     return d
 
@@ -84,7 +87,7 @@ def main_setting(df: pd.DataFrame, vary: tuple = ()) -> pd.DataFrame:
     figure never mixes metrics; `vary` names setting columns left free (Fig. 10 varies sampling_steps)."""
     d = evaluated(df)
     if d.empty:
-        raise NoData("no evaluated checkpoints (no row has a fid value)")
+        raise NoData("no evaluated checkpoints (no row has an fd value)")
     keys = [c for c in SETTING_COLS if c not in vary]
     counts = d.groupby(keys, dropna=False).size().sort_values(ascending=False, kind="stable")
     best = counts.index[0] if len(keys) > 1 else (counts.index[0],)
@@ -179,8 +182,8 @@ def fig6_steps(df: pd.DataFrame, out_dir, name: str = "fig6_fid_vs_steps", logx:
         g = g.sort_values("step")
         label = _label_of(g)
         r = g.iloc[0]
-        ax.plot(g["step"], g["fid"], label=label, gid=run, lw=1.6, ms=3.5, **_style(r["model"], r["patch"]))
-        rows += [{"label": label, "run_id": run, "step": s, "fid": f} for s, f in zip(g["step"], g["fid"])]
+        ax.plot(g["step"], g["fd"], label=label, gid=run, lw=1.6, ms=3.5, **_style(r["model"], r["patch"]))
+        rows += [{"label": label, "run_id": run, "step": s, "fd": f} for s, f in zip(g["step"], g["fd"])]
     steps = d["step"][d["step"] > 0]
     if logx is None:
         logx = len(steps) > 0 and steps.max() / max(steps.min(), 1) > 30
@@ -210,14 +213,14 @@ def fig8_gflops(df: pd.DataFrame, out_dir, step: int | None = None, overlay_pape
     if d["run_id"].nunique() < 3:
         raise NoData(f"Fig. 8 needs at least 3 runs evaluated at step {step}; found {d['run_id'].nunique()}")
     metric, short = _metric(d)
-    r = pearson_log(d, "gflops_per_img", "fid")
+    r = pearson_log(d, "gflops_per_img", "fd")
     g_lo, g_hi = d["gflops_per_img"].min(), d["gflops_per_img"].max()
     x_pred = np.geomspace(g_lo / 1.5, g_hi * 1.5, 60)
-    boot = bootstrap_fit(d, "gflops_per_img", "fid", n_boot=n_boot, seed=seed, x_pred=x_pred)
+    boot = bootstrap_fit(d, "gflops_per_img", "fd", n_boot=n_boot, seed=seed, x_pred=x_pred)
     fits = {"step": step, "metric_label": metric, "pearson_r_log10_gflops": r, "n_runs": int(d["run_id"].nunique()),
             "power_law": boot.to_dict()}
     if d["run_id"].nunique() >= 4:
-        fits["held_out_largest"] = held_out(d, "gflops_per_img", "fid").to_dict()
+        fits["held_out_largest"] = held_out(d, "gflops_per_img", "fd").to_dict()
 
     fig, ax = _new_figure(6.4, 4.8)
     band, fit = boot.pred, boot.fit
@@ -226,31 +229,32 @@ def fig8_gflops(df: pd.DataFrame, out_dir, step: int | None = None, overlay_pape
                     label=f"{int(boot.level * 100)}% bootstrap band ({boot.n_boot} resamples of runs)")
     ax.plot(band["x"], band["y"], color="0.25", lw=1.2, gid="fit",
             label=rf"fit: {short} = {fit.A:.3g} G$^{{-{fit.alpha:.2f}}}$, $\alpha$ CI [{lo:.2f}, {hi:.2f}]")
-    rows = [{"kind": "fit", "label": "fit", "run_id": None, "gflops_per_img": x, "fid": y, "fid_lo": a, "fid_hi": b}
+    rows = [{"kind": "fit", "label": "fit", "run_id": None, "gflops_per_img": x, "fd": y, "fd_lo": a, "fd_hi": b}
             for x, y, a, b in band[["x", "y", "y_lo", "y_hi"]].itertuples(index=False)]
     models = []
     for run, g in _runs_in_order(d):
         p = g.iloc[0]
         st = _style(p["model"], p["patch"])
         label = _label_of(g)
-        models.append(ax.plot([p["gflops_per_img"]], [p["fid"]], ls="none", marker=st["marker"], color=st["color"],
+        models.append(ax.plot([p["gflops_per_img"]], [p["fd"]], ls="none", marker=st["marker"], color=st["color"],
                               ms=7, mec="black", mew=0.5, gid=run, label=label)[0])
         rows.append({"kind": "point", "label": label, "run_id": run, "gflops_per_img": p["gflops_per_img"],
-                     "fid": p["fid"]})
+                     "fd": p["fd"]})
     if overlay_paper and not d["run_id"].str.endswith("-paper").all():  # not when plotting the paper itself
         ref = paper_table()
-        ax.plot(ref["gflops_per_img"], ref["fid"], ls="none", marker="o", mfc="none", mec="black", ms=8, mew=1.0,
+        ax.plot(ref["gflops_per_img"], ref["fd"], ls="none", marker="o", mfc="none", mec="black", ms=8, mew=1.0,
                 gid="paper", label=PAPER_LABEL)
-        rows += [{"kind": "paper", "label": model_label(m, p, "paper"), "run_id": run, "gflops_per_img": g, "fid": f}
-                 for run, m, p, g, f in ref[["run_id", "model", "patch", "gflops_per_img", "fid"]].itertuples(index=False)]
+        rows += [{"kind": "paper", "label": model_label(m, p, "paper"), "run_id": run, "gflops_per_img": g, "fd": f}
+                 for run, m, p, g, f in ref[["run_id", "model", "patch", "gflops_per_img", "fd"]].itertuples(index=False)]
     _log_axis(ax.xaxis)
     _log_axis(ax.yaxis)
     ax.set_xlabel("Transformer Gflops per image (forward, multiply-add = 1 flop)")
     ax.set_ylabel(metric)
     ax.set_title(f"{short} vs model compute at {_steps_formatter(step, None)} steps (Fig. 8)\n"
                  f"Pearson r({short}, log10 Gflops) = {r:.2f}", fontsize=10)
-    ax.add_artist(ax.legend(handles=models, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8,
-                            frameon=False))
+    # The models in a figure legend right of the axes, the fit in the axes' own legend. (A second ax.legend kept
+    # through ax.add_artist is clipped to the axes by matplotlib >= 3.10: outside them it was never drawn.)
+    fig.legend(handles=models, loc="outside right center", fontsize=8, frameon=False)
     ax.legend(handles=[h for h in ax.get_legend_handles_labels()[0] if h not in models], loc="lower left",
               fontsize=7.5, frameon=True, framealpha=0.9)
     return save(FigureOutput(name, fig, pd.DataFrame(rows), fits=fits), out_dir)
@@ -275,14 +279,14 @@ def fig9_train_compute(df: pd.DataFrame, out_dir, n_boot: int = 500, seed: int =
         g = g.sort_values("step")
         p = g.iloc[0]
         label = _label_of(g)
-        ax.plot(g["train_flops"], g["fid"], label=label, gid=run, lw=1.4, ms=3.5, alpha=0.9,
+        ax.plot(g["train_flops"], g["fd"], label=label, gid=run, lw=1.4, ms=3.5, alpha=0.9,
                 **_style(p["model"], p["patch"]))
-        rows += [{"kind": "checkpoint", "label": label, "run_id": run, "step": s, "train_flops": c, "fid": f}
-                 for s, c, f in zip(g["step"], g["train_flops"], g["fid"])]
-    ax.plot(front["train_flops"], front["fid"], ls="none", marker="o", ms=8, mfc="none", mec="black", mew=1.0,
+        rows += [{"kind": "checkpoint", "label": label, "run_id": run, "step": s, "train_flops": c, "fd": f}
+                 for s, c, f in zip(g["step"], g["train_flops"], g["fd"])]
+    ax.plot(front["train_flops"], front["fd"], ls="none", marker="o", ms=8, mfc="none", mec="black", mew=1.0,
             gid="frontier", label="compute-optimal frontier")
     rows += [{"kind": "frontier", "label": _label_of(front.iloc[[i]]), "run_id": r, "step": s, "train_flops": c,
-              "fid": f} for i, (r, s, c, f) in enumerate(front[["run_id", "step", "train_flops", "fid"]].itertuples(index=False))]
+              "fd": f} for i, (r, s, c, f) in enumerate(front[["run_id", "step", "train_flops", "fd"]].itertuples(index=False))]
     fits = {"metric_label": metric, "frontier_points": int(len(front))}
     if front["train_flops"].nunique() >= 2:
         x_pred = np.geomspace(front["train_flops"].min(), d["train_flops"].max(), 60)
@@ -290,7 +294,7 @@ def fig9_train_compute(df: pd.DataFrame, out_dir, n_boot: int = 500, seed: int =
         lo, hi = boot.ci["alpha"]
         ax.plot(boot.pred["x"], boot.pred["y"], color="black", ls=(0, (5, 2)), lw=1.3, gid="frontier_fit",
                 label=rf"frontier fit: $\alpha$ = {boot.fit.alpha:.3f} [{lo:.3f}, {hi:.3f}]")
-        rows += [{"kind": "frontier_fit", "label": "frontier fit", "run_id": None, "train_flops": x, "fid": y}
+        rows += [{"kind": "frontier_fit", "label": "frontier fit", "run_id": None, "train_flops": x, "fd": y}
                  for x, y in boot.pred[["x", "y"]].itertuples(index=False)]
         fits["frontier_power_law"] = boot.to_dict()
         budget = float(d.groupby("run_id")["train_flops"].max().median())  # half the runs reach it
@@ -332,9 +336,9 @@ def fig10_sampling_compute(df: pd.DataFrame, out_dir, name: str = "fig10_fid_vs_
         g = g.sort_values("sampling_steps")
         p = g.iloc[0]
         label = f"{_label_of(g)} @ {_steps_formatter(p['step'], None)}"
-        ax.plot(g["sampling_gflops"], g["fid"], label=label, gid=run, lw=1.4, ms=4, **_style(p["model"], p["patch"]))
-        rows += [{"label": label, "run_id": run, "step": p["step"], "sampling_steps": k, "sampling_gflops": c, "fid": f}
-                 for k, c, f in zip(g["sampling_steps"], g["sampling_gflops"], g["fid"])]
+        ax.plot(g["sampling_gflops"], g["fd"], label=label, gid=run, lw=1.4, ms=4, **_style(p["model"], p["patch"]))
+        rows += [{"label": label, "run_id": run, "step": p["step"], "sampling_steps": k, "sampling_gflops": c, "fd": f}
+                 for k, c, f in zip(g["sampling_steps"], g["sampling_gflops"], g["fd"])]
     _log_axis(ax.xaxis)
     _log_axis(ax.yaxis)
     ax.set_xlabel("Sampling compute (Gflops per image = Gflops/img x sampling steps)")
@@ -362,14 +366,14 @@ def fig5_blocks(df: pd.DataFrame, out_dir, name: str = "fig5_block_designs") -> 
     metric, short = _metric(d)
     fig, ax = _new_figure(6.4, 4.4)
     rows = []
-    for run, g in sorted(d.groupby("run_id"), key=lambda kv: kv[1]["fid"].min(), reverse=True):
+    for run, g in sorted(d.groupby("run_id"), key=lambda kv: kv[1]["fd"].min(), reverse=True):
         g = g.sort_values("step")
         block = g["block"].iloc[0]
         label = BLOCK_LABELS.get(block, block)
-        ax.plot(g["step"], g["fid"], label=label, gid=run, color=BLOCK_COLORS.get(block, "#555555"), marker="o",
+        ax.plot(g["step"], g["fd"], label=label, gid=run, color=BLOCK_COLORS.get(block, "#555555"), marker="o",
                 ms=3.5, lw=1.6)
-        rows += [{"label": label, "block": block, "run_id": run, "step": s, "fid": f}
-                 for s, f in zip(g["step"], g["fid"])]
+        rows += [{"label": label, "block": block, "run_id": run, "step": s, "fd": f}
+                 for s, f in zip(g["step"], g["fd"])]
     steps = d["step"][d["step"] > 0]
     if len(steps) and steps.max() / max(steps.min(), 1) > 30:
         _log_axis(ax.xaxis, _steps_formatter)

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import pandas as pd
 from scipy.optimize import least_squares
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -146,20 +147,27 @@ def predict_band(boot: BootstrapFit, x, level: float | None = None) -> pd.DataFr
                          "y_hi": np.quantile(curves, 1 - q, axis=0)})
 
 
-def _bootstrap(df, group_col, n_boot, seed, level, statistic, desc) -> tuple[PowerLawFit, pd.DataFrame, dict, int, int]:
-    """Resample whole groups (runs) with replacement, apply `statistic(frame, start)` -> PowerLawFit to each."""
-    from tqdm import tqdm
-
+def resample_groups(df: pd.DataFrame, group_col: str, n_boot: int, seed: int = 0, desc: str = "bootstrap"):
+    """Yield `n_boot` resamples of df made of whole groups (runs) drawn with replacement (the bootstrap's unit
+    is the run: checkpoints of one run are not independent)."""
     if group_col not in df.columns:
         raise ValueError(f"group_col={group_col!r} is not a column; allowed: {', '.join(map(str, df.columns))}")
-    full = statistic(df, None)
     codes, groups = pd.factorize(df[group_col])
     members = [np.flatnonzero(codes == g) for g in range(len(groups))]
     rng = np.random.default_rng(seed)
-    rows, failed = [], 0
     for _ in tqdm(range(n_boot), desc=desc, leave=False, disable=n_boot < 500):
         pick = rng.integers(0, len(groups), len(groups))
-        sample = df.iloc[np.concatenate([members[g] for g in pick])]
+        yield df.iloc[np.concatenate([members[g] for g in pick])]
+
+
+def _bootstrap(df, group_col, n_boot, seed, level, statistic, desc) -> tuple[PowerLawFit, pd.DataFrame, dict, int, int]:
+    """Resample whole groups (runs) with replacement, apply `statistic(frame, start)` -> PowerLawFit to each."""
+    if group_col not in df.columns:
+        raise ValueError(f"group_col={group_col!r} is not a column; allowed: {', '.join(map(str, df.columns))}")
+    full = statistic(df, None)
+    n_groups = df[group_col].nunique()
+    rows, failed = [], 0
+    for sample in resample_groups(df, group_col, n_boot, seed, desc):
         try:
             f = statistic(sample, full)
         except ValueError:
@@ -169,7 +177,7 @@ def _bootstrap(df, group_col, n_boot, seed, level, statistic, desc) -> tuple[Pow
     samples = pd.DataFrame(rows, columns=["E", "A", "alpha"])
     q = (1 - level) / 2
     ci = {k: (float(samples[k].quantile(q)), float(samples[k].quantile(1 - q))) for k in ("E", "A", "alpha")}
-    return full, samples, ci, len(groups), failed
+    return full, samples, ci, n_groups, failed
 
 
 def bootstrap_fit(df: pd.DataFrame, x_col: str, y_col: str, group_col: str = "run_id", n_boot: int = 1000,
@@ -210,7 +218,7 @@ def pearson_log(df: pd.DataFrame, x_col: str, y_col: str) -> float:
 # ----------------------------------------------------------------------------- compute-optimal frontier
 
 
-def frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fid") -> pd.DataFrame:
+def frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fd") -> pd.DataFrame:
     """The compute-optimal frontier: checkpoints (sorted by compute) that reach a new lowest metric.
 
     Every point on it is the best any run achieved with at most that much training compute.
@@ -226,14 +234,14 @@ def _new_minimum(metric_sorted: np.ndarray) -> np.ndarray:
     return metric_sorted < prev_best
 
 
-def fit_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fid",
+def fit_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fd",
                  floor: bool = False, huber_scale: float = 0.1, starts=None) -> PowerLawFit:
     """Power-law fit of the frontier points: metric = E + A * compute^-alpha."""
     f = frontier(df, compute_col, metric_col)
     return fit_power_law(f[compute_col], f[metric_col], floor=floor, huber_scale=huber_scale, starts=starts)
 
 
-def bootstrap_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fid",
+def bootstrap_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fd",
                        group_col: str = "run_id", n_boot: int = 500, seed: int = 0, floor: bool = False,
                        level: float = 0.95, x_pred=None) -> BootstrapFit:
     """The frontier fit with CIs from resampling whole runs: each resample recomputes the frontier, then fits it."""
@@ -274,7 +282,7 @@ def _interp_loglog(log_c, log_y, log_b) -> float:
 
 
 def compute_optimal_model(df: pd.DataFrame, budget: float, compute_col: str = "train_flops",
-                          metric_col: str = "fid", group_col: str = "run_id", n_boot: int = 500,
+                          metric_col: str = "fd", group_col: str = "run_id", n_boot: int = 500,
                           seed: int = 0) -> ComputeOptimal:
     """Which run reaches the lowest metric with `budget` training compute, and how sure that is.
 

@@ -26,10 +26,13 @@ from scaling.models import BLOCKS, MODELS, ModelConfig, build_model
 from scaling.rundir import RunDir
 from scaling.tracking import MODES as WANDB_MODES
 from scaling.tracking import WandbConfig
+from scaling.valloss import ValConfig, check_config as check_val
 
 # Settings that do not change what is trained: excluded from the run id, so that e.g. a longer horizon
 # (constant learning rate) or another checkpoint interval continues the same run.
-_NOT_TRAINING = {"train": ("steps", "ckpt_every", "log_every", "grid_every", "num_workers", "device")}
+_NOT_TRAINING = {"train": ("steps", "budget_flops", "ckpt_every", "log_every", "grid_every", "num_workers",
+                           "device"),
+                 "val": ("every", "timesteps", "noise_seed", "raw", "batch_img")}  # the split is training data
 
 
 # ----------------------------------------------------------------------------- training
@@ -55,6 +58,7 @@ class TrainConfig:
     log_every: int = 100         # steps between metrics.jsonl rows
     grid_every: int = 0          # steps between EMA sample grids when evals are off; 0 = at checkpoints
     num_workers: int = 0         # data loader processes (0: in-process, right for the in-memory datasets)
+    budget_flops: float = 0.0    # > 0: a compute horizon in FLOPs that sets steps (scaling.config.budget_steps)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -131,7 +135,12 @@ class RunConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    val: ValConfig = field(default_factory=ValConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        if self.train.budget_flops > 0 and self.model.name in MODELS:  # a compute horizon sets the step count
+            self.train.steps = budget_steps(self)
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
@@ -190,7 +199,7 @@ def family(model_name: str) -> str:
 def run_id(cfg: RunConfig) -> str:
     """Readable name + short hash of everything that changes training (not the horizon or logging)."""
     d = config_to_dict(cfg)
-    keep = {k: d[k] for k in ("model", "patch", "block", "seed", "data", "diffusion", "train")}
+    keep = {k: d[k] for k in ("model", "patch", "block", "seed", "data", "diffusion", "train", "val")}
     for group, keys in _NOT_TRAINING.items():
         keep[group] = {k: v for k, v in keep[group].items() if k not in keys}
     keep["shape"] = MODELS.get(cfg.model.name)  # a preset whose depth/width/heads change names a new run
@@ -206,6 +215,19 @@ def build_model_for(cfg: RunConfig, spec: dict):
     return build_model(cfg.model.name, cfg.patch, input_size=spec["input_size"], in_channels=spec["in_channels"],
                        num_classes=spec["num_classes"], learn_sigma=cfg.model.learn_sigma, block=cfg.block,
                        class_dropout=cfg.model.class_dropout)
+
+
+def budget_steps(cfg: RunConfig) -> int:
+    """The step count of a compute budget: steps = budget_flops / (gflops_per_img x 1e9 x batch_img x 3), the
+    project's one FLOP convention solved for steps, rounded to the nearest step (at least 1). Gflops come from the
+    closed form (no model is built; within 0.5% of fvcore's count, which plan.json's train_flops uses), so the
+    plan's train_flops can differ from the budget by that and by the rounding; the plan shows both."""
+    from scaling.flops import closed_form_gflops
+
+    spec = data_spec(cfg.data, require_data=False)
+    g = closed_form_gflops(cfg.model.name, cfg.patch, spec["input_size"], spec["in_channels"], block=cfg.block,
+                           learn_sigma=cfg.model.learn_sigma)
+    return max(1, round(cfg.train.budget_flops / (g * 1e9 * cfg.train.batch_img * 3)))
 
 
 def make_plan(cfg: RunConfig, device: str = "cpu", world_size: int = 1, count: str = "fvcore") -> dict:
@@ -233,8 +255,9 @@ def make_plan(cfg: RunConfig, device: str = "cpu", world_size: int = 1, count: s
         "block": cfg.block, "seed": cfg.seed, "sweep": cfg.sweep, "params": int(params),
         "gflops_per_img": float(gflops), "gflops_counter": count, "tokens": (spec["input_size"] // cfg.patch) ** 2,
         "batch_img": tc.batch_img, "steps": tc.steps, "img_total": tc.batch_img * tc.steps,
+        "budget_flops": tc.budget_flops or None,
         "train_flops": float(gflops) * 1e9 * tc.batch_img * tc.steps * 3,
-        "dataset": cfg.data.name, "resolution": cfg.data.image_size, **spec,
+        "dataset": cfg.data.name, "resolution": cfg.data.image_size, "heldout_img": cfg.val.heldout_img, **spec,
         "device": device, "world_size": world_size,
     }
 
@@ -272,7 +295,10 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"train.device={tc.device!r}; allowed: {', '.join(DEVICES)}")
     if cfg.wandb.mode not in WANDB_MODES:
         raise ValueError(f"wandb.mode={cfg.wandb.mode!r}; allowed: {', '.join(WANDB_MODES)}")
+    if tc.budget_flops < 0:
+        raise ValueError(f"train.budget_flops={tc.budget_flops} must be >= 0 (0: train.steps is the horizon)")
     validate_eval(cfg.eval)
+    check_val(cfg.val, tc.log_every)
     _check_writable(cfg.output_root)
 
 

@@ -457,7 +457,8 @@ def evaluate_checkpoint(run_dir, step: int, eval_cfg: Optional[EvalConfig] = Non
                           prc=e.precision_recall, kid=e.kid, cuda=device.type == "cuda", progress=progress)
     img_seen = torch.load(checkpoint_path(run, step), map_location="cpu", weights_only=True, mmap=True)["img_seen"]
     row = {"step": step, "img_seen": int(img_seen), "metrics": named_metrics(raw, e.backend, e.num_samples),
-           "metric_name": metric_name("fd", e.backend, e.num_samples), "fid": raw["fd"],
+           "metric_name": metric_name("fd", e.backend, e.num_samples), "fd": raw["fd"],
+           **({"fid": raw["fd"]} if e.backend == "inception" else {}),  # FID only with the Inception weights
            "inception_score": raw["is"], "precision": raw["precision"], "recall": raw["recall"], "kid": raw["kid"],
            "feature_extractor": e.backend, "feature_extractor_info": space.info,
            "feature_weights_sha": space.weights_sha[:16], "num_samples": e.num_samples, "num_ref": len(ref),

@@ -543,7 +543,8 @@ def analyze(output_root: str) -> None:
     out = Path(output_root) / "analysis"
     table = out / "results.csv"
     steps = [("scaling.results", [str(output_root), "-o", str(table)]),
-             ("analysis.figures", [str(table), "-o", str(out)])]
+             ("analysis.figures", [str(table), "-o", str(out)]),
+             ("analysis.law_figures", [str(table), "-o", str(out)])]  # the forecasting laws, with a held-out loss
     for module, argv in steps:
         if importlib.util.find_spec(module) is None:
             print(f"[launch] analyze: {module} is not available; skipped", flush=True)

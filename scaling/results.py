@@ -1,6 +1,7 @@
 """Run directories -> one tidy results table (docs/design.md, "Results table").
 
-One row per evaluated checkpoint and eval setting; a run without evals still gives one row (metrics empty,
+One row per evaluated checkpoint and eval setting (plus one per other logged step with a held-out loss,
+scaling.valloss.with_val_rows); a run with neither still gives one row (metrics empty,
 `step` empty) so that a status view can list it. Analysis reads only this table and `scaling/reference/`.
 
     python -m scaling.results outputs/ [more_roots ...] [-o results.csv]
@@ -21,20 +22,21 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling.rundir import RunDir, load_json, read_jsonl_checked, read_status
+from scaling.rundir import RunDir, load_json, read_jsonl, read_jsonl_checked, read_status
+from scaling.valloss import with_val_rows
 
 # The table's columns in order (docs/design.md); named metrics from evals.jsonl `metrics` follow them.
 COLUMNS = [
     "run_id", "model", "family", "patch", "block", "params", "gflops_per_img", "tokens", "batch_img",
-    "step", "img_seen", "train_flops", "fid", "inception_score", "precision", "recall",
+    "step", "img_seen", "train_flops", "fd", "fid", "inception_score", "precision", "recall",
     "feature_extractor", "num_samples", "sampler", "sampling_steps", "cfg_scale", "dataset", "resolution",
     "metric_label", "metric_name", "seed", "eval_seed", "setting", "wall_s", "state", "last_step", "steps",
 ]
 _INT_COLUMNS = ["patch", "params", "tokens", "batch_img", "step", "img_seen", "num_samples", "sampling_steps",
                 "resolution", "seed", "eval_seed", "last_step", "steps"]
-_FLOAT_COLUMNS = ["gflops_per_img", "train_flops", "fid", "inception_score", "precision", "recall",
+_FLOAT_COLUMNS = ["gflops_per_img", "train_flops", "fd", "fid", "inception_score", "precision", "recall",
                   "cfg_scale", "wall_s"]
-_EVAL_KEYS = ["fid", "inception_score", "precision", "recall", "feature_extractor", "num_samples", "sampler",
+_EVAL_KEYS = ["fd", "inception_score", "precision", "recall", "feature_extractor", "num_samples", "sampler",
               "sampling_steps", "cfg_scale", "wall_s", "setting"]
 
 REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "dit_table4.csv"
@@ -47,7 +49,7 @@ def samples_label(num_samples) -> str:
 
 
 def metric_label(feature_extractor, num_samples) -> str:
-    """Human label of the `fid` column for axes: names the feature space, so no number passes for Inception FID.
+    """Human label of the `fd` column for axes: names the feature space, so no number passes for Inception FID.
 
     inception -> "FID-50K (Inception)"; any other extractor -> "FD-1K (domain features)", a Frechet distance
     never called FID (as scaling.evaluate.metric_name: inception_offline weights are not the reference ones).
@@ -98,8 +100,9 @@ def run_rows(run: RunDir) -> tuple[list[dict], list[str]]:
         "resolution": plan.get("resolution", plan.get("input_size")), "seed": plan.get("seed"),
         "steps": plan.get("steps"), "state": status.get("state", "pending"), "last_step": status.get("step"),
     }
+    metrics = read_jsonl(run.metrics)  # held-out losses (val_*) join the table: scaling.valloss.with_val_rows
     if not evals:
-        return [dict(base)], problems
+        return with_val_rows([dict(base)], base, metrics), problems
     # One row per (step, setting); a checkpoint evaluated twice with one setting keeps the latest line.
     latest = {}
     for e in evals:
@@ -113,6 +116,7 @@ def run_rows(run: RunDir) -> tuple[list[dict], list[str]]:
         row = dict(base)
         row.update({k: e.get(k) for k in _EVAL_KEYS})
         row["step"] = e["step"]
+        row["fd"] = e.get("fd", e.get("fid"))  # evals.jsonl before the fd key held every FD under "fid"
         row["eval_seed"] = e.get("seed")
         row["img_seen"] = e.get("img_seen")
         if row["img_seen"] is None and base["batch_img"] is not None:
@@ -123,12 +127,14 @@ def run_rows(run: RunDir) -> tuple[list[dict], list[str]]:
             if name not in COLUMNS:
                 row[name] = value
         rows.append(row)
-    return rows, problems
+    return with_val_rows(rows, base, metrics), problems
 
 
 def tidy(rows: list[dict]) -> pd.DataFrame:
     """Rows -> the table: fixed columns first, integer columns nullable, train_flops computed."""
     df = pd.DataFrame(rows)
+    if "fd" not in df.columns and "fid" in df.columns:  # a table written before the fd column
+        df["fd"] = df["fid"]
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
@@ -138,6 +144,7 @@ def tidy(rows: list[dict]) -> pd.DataFrame:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     for c in _INT_COLUMNS:
         df[c] = pd.to_numeric(df[c], errors="coerce").round().astype("Int64")
+    df["fid"] = df["fd"].where(df["feature_extractor"] == "inception")  # FID only with the Inception weights
     df["train_flops"] = train_flops(df["gflops_per_img"], df["batch_img"].astype("float64"),
                                     df["step"].astype("float64"))
     for c in ("run_id", "model", "family", "block", "feature_extractor", "sampler", "dataset", "metric_label",
@@ -189,7 +196,7 @@ def paper_table(path=REFERENCE_CSV) -> pd.DataFrame:
     rows = [{
         "run_id": f"{r.model}-p{r.patch}-paper", "model": r.model, "family": "paper", "patch": r.patch,
         "block": "adaln_zero", "params": r.params_m * 1e6, "gflops_per_img": r.gflops, "tokens": r.tokens,
-        "batch_img": batch_img, "step": step, "img_seen": batch_img * step, "fid": r.fid50k_400k,
+        "batch_img": batch_img, "step": step, "img_seen": batch_img * step, "fd": r.fid50k_400k,
         "feature_extractor": "inception", "num_samples": 50_000, "sampler": "ddpm", "sampling_steps": 250,
         "cfg_scale": 1.0, "dataset": "imagenet", "resolution": 256, "setting": "paper",
         "metric_label": metric_label("inception", 50_000), "metric_name": "fid50k_inception", "state": "done",
@@ -243,7 +250,7 @@ def main(argv=None) -> int:
         print(f"error: no run directories (runs/<run_id>/plan.json) under {', '.join(args.roots)}", file=sys.stderr)
         return 2
     written = write_table(df, args.out)
-    evaluated = df["fid"].notna().sum()
+    evaluated = df["fd"].notna().sum()
     print(f"{df['run_id'].nunique()} runs, {evaluated} evaluated rows -> {', '.join(map(str, written))}")
     return 0
 

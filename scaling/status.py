@@ -58,12 +58,13 @@ def _number(value) -> float | None:
 
 def eval_label(row: dict | None) -> str:
     """'FD-1K(domain) 41.20 @3000': the value, the feature space and sample count, and the step evaluated."""
-    if not row or _number(row.get("fid")) is None:
+    fd = _number(row.get("fd", row.get("fid"))) if row else None  # evals.jsonl rows before the fd key: "fid"
+    if fd is None:
         return ""
     n = int(_number(row.get("num_samples")) or 0)
     samples = f"{n / 1000:g}K" if n >= 1000 else str(n)
-    name = "FID" if str(row.get("feature_extractor", "")).startswith("inception") else "FD"
-    return f"{name}-{samples}({row.get('feature_extractor')}) {row['fid']:.2f} @{row.get('step')}"
+    name = "FID" if row.get("feature_extractor") == "inception" else "FD"  # inception_offline: other weights
+    return f"{name}-{samples}({row.get('feature_extractor')}) {fd:.2f} @{row.get('step')}"
 
 
 def age(t: float | None, now: float) -> str:

@@ -24,13 +24,13 @@ from tqdm import tqdm
 from scaling.checkpoint import checkpoint_path, list_steps, load_latest, non_finite, save_checkpoint
 from scaling.config import (DEVICES, PRECISIONS, RunConfig, build_model_for, config_from_overrides, config_to_dict,
                             make_plan, run_dir_for, validate)
-from scaling.data import build_dataset
 from scaling.diffusion import Diffusion, sample
 from scaling.evaluate import evaluate_checkpoint, missing_evals
 from scaling.rundir import (Lease, LeaseLost, RunDir, append_jsonl, atomic_write_text, clean_temporary, read_status,
                             repair_jsonl, write_json, write_status)
 from scaling.signals import StopSignals, stop_signals
 from scaling.tracking import Tracker
+from scaling.valloss import split_heldout
 
 # Dense bf16 peak of the GPUs we know, for MFU (vendor datasheets; SXM parts).
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
@@ -263,7 +263,7 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
         tracker.finish()
         return read_status(run)
 
-    dataset = build_dataset(cfg.data)
+    dataset, heldout = split_heldout(cfg.data, cfg.val, diffusion, plan["pixel_space"], device, tc.steps)
     loader = DataLoader(Flipped(dataset), num_workers=tc.num_workers, pin_memory=device.type == "cuda",
                         batch_sampler=StepBatches(len(dataset), tc.batch_img, cfg.seed, step, tc.steps, rank,
                                                   world, cfg.data.flip))
@@ -323,6 +323,7 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
                         if peak:  # model flops: 3 passes x 2 flops per multiply-add (paper counts MACs)
                             row["mfu"] = 3 * 2 * plan["gflops_per_img"] * 1e9 * img_per_s / (peak * world)
                     if rank == 0:
+                        row.update(heldout.log_row(step, ema, model))  # val_* columns (scaling/valloss.py)
                         append_jsonl(run.metrics, row)
                         tracker.log(row)
                         eta_s = (tc.steps - step) * dt / steps_since_log

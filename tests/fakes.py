@@ -26,7 +26,7 @@ def make_fake_run(root, model="laptop_s", patch=4, block="adaln_zero", *, seed=0
                   "evals"), extra_eval_lines=()) -> Path:
     """Write `<root>/runs/<run_id>/` and return its path.
 
-    evals: list of dicts, each at least {"step", "fid"}; missing keys get the laptop defaults (domain features,
+    evals: list of dicts, each at least {"step", "fd"}; missing keys get the laptop defaults (domain features,
     1000 samples, DDPM, 100 steps, no guidance). `files` picks which files exist; `extra_eval_lines` are raw
     lines appended to evals.jsonl (to test malformed input).
     """
@@ -60,8 +60,10 @@ def make_fake_run(root, model="laptop_s", patch=4, block="adaln_zero", *, seed=0
                 row.setdefault("precision", None)
                 row.setdefault("recall", None)
                 kind = "fid" if row["feature_extractor"] == "inception" else "fd"
+                if kind == "fid":  # `fid` only for Inception FID (docs/design.md, evals.jsonl)
+                    row.setdefault("fid", row["fd"])
                 row.setdefault("metric_name", f"{kind}{row['num_samples'] // 1000}k_{row['feature_extractor']}")
-                row.setdefault("metrics", {row["metric_name"]: row["fid"]})
+                row.setdefault("metrics", {row["metric_name"]: row["fd"]})
                 row.setdefault("setting", f"{row['feature_extractor']}-n{row['num_samples']}-{row['sampler']}"
                                           f"{row['sampling_steps']}-cfg{row['cfg_scale']}-s{row['seed']}")
                 f.write(json.dumps(row) + "\n")
@@ -70,22 +72,22 @@ def make_fake_run(root, model="laptop_s", patch=4, block="adaln_zero", *, seed=0
     return path
 
 
-def laptop_fid(gflops_per_img, step, noise=0.0, rng=None):
-    """The synthetic law of the laptop grid: FID = 5 + 20 g^-0.3 (1 + 300 step^-0.6) (g in Mflops), x lognormal noise.
+def laptop_fd(gflops_per_img, step, noise=0.0, rng=None):
+    """The synthetic law of the laptop grid: FD = 5 + 20 g^-0.3 (1 + 300 step^-0.6) (g in Mflops), x lognormal noise.
 
     Larger models learn faster per step and reach lower FID, as in the paper's Fig. 6, so the compute frontier
     moves from small to large models as compute grows.
     """
     g_mflops = np.asarray(gflops_per_img) * 1e3
-    fid = 5.0 + 20.0 * g_mflops ** -0.3 * (1 + 300.0 * np.asarray(step, dtype=float) ** -0.6)
+    fd = 5.0 + 20.0 * g_mflops ** -0.3 * (1 + 300.0 * np.asarray(step, dtype=float) ** -0.6)
     if noise and rng is not None:
-        fid = fid * np.exp(rng.normal(0.0, noise, np.shape(fid)))
-    return fid
+        fd = fd * np.exp(rng.normal(0.0, noise, np.shape(fd)))
+    return fd
 
 
 def make_laptop_grid(root, eval_steps=(250, 500, 1000, 2000, 4000, 8000), noise=0.03, seed=0,
                      sampling_study=(), blocks=("adaln_zero",)) -> list[Path]:
-    """The 12-run laptop grid with FID from `laptop_fid`; `sampling_study` adds, at the last step, evals with
+    """The 12-run laptop grid with FD from `laptop_fd`; `sampling_study` adds, at the last step, evals with
     those DDPM step counts (Fig. 10); extra `blocks` add the S/2..XL/2 runs with other block designs (Fig. 5)."""
     rng = np.random.default_rng(seed)
     paths = []
@@ -96,15 +98,51 @@ def make_laptop_grid(root, eval_steps=(250, 500, 1000, 2000, 4000, 8000), noise=
                 if block != blocks[0] and patch != 2:
                     continue
                 g = _PAPER_GFLOPS[(size, patch)] / 1000.0
-                evals = [{"step": s, "fid": float(laptop_fid(g, s, noise, rng)) * block_penalty.get(block, 1.0)}
+                evals = [{"step": s, "fd": float(laptop_fd(g, s, noise, rng)) * block_penalty.get(block, 1.0)}
                          for s in eval_steps]
                 for k in sampling_study:
                     # fewer sampling steps -> worse FID (paper Fig. 10); the default 100 steps is the reference
-                    fid = float(laptop_fid(g, eval_steps[-1], noise, rng)) * (1 + 8.0 / k) / (1 + 8.0 / 100)
-                    evals.append({"step": eval_steps[-1], "fid": fid, "sampling_steps": k})
+                    fd = float(laptop_fd(g, eval_steps[-1], noise, rng)) * (1 + 8.0 / k) / (1 + 8.0 / 100)
+                    evals.append({"step": eval_steps[-1], "fd": fd, "sampling_steps": k})
                 paths.append(make_fake_run(root, f"laptop_{size}", patch, block, gflops_per_img=g,
                                            steps=eval_steps[-1], evals=evals))
     return paths
+
+
+# The synthetic loss law of `loss_table`: L(N, D) = E + A / N^a + B / D^b, N in Gflops/img, D in images.
+LOSS_LAW = {"E": 0.05, "A": 0.01, "a": 0.35, "B": 3.0, "b": 0.45}
+FD_LAW = {"F": 2.0e5, "k": 2.5}   # FD = F L^k on the evaluated checkpoints
+
+
+def loss_table(seed=0, sigma=0.005, steps=tuple(range(50, 1201, 50)), batch_img=32, eval_every=300, seeds=(0,),
+               law=None, fd_sigma=0.03):
+    """A results table (scaling.results columns) of the 12-model laptop grid whose held-out loss `val_mse_ema`
+    follows LOSS_LAW x lognormal(sigma) at every logged step, and whose `fd` follows FD_LAW x lognormal(fd_sigma)
+    at every `eval_every` steps (metric fd500_domain). `seeds` replicates every model."""
+    import pandas as pd
+
+    law = {**LOSS_LAW, **(law or {})}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for size in SIZES:
+        for patch in PATCHES:
+            g = _PAPER_GFLOPS[(size, patch)] / 1000.0
+            for s0 in seeds:
+                run_id = f"laptop_{size}-p{patch}-adaln_zero-animal_mnist16-s{s0}-synth000"
+                for step in steps:
+                    d = step * batch_img
+                    loss = (law["E"] + law["A"] * g ** -law["a"] + law["B"] * d ** -law["b"]) * np.exp(
+                        rng.normal(0, sigma))
+                    row = {"run_id": run_id, "model": f"laptop_{size}", "family": "laptop", "patch": patch,
+                           "block": "adaln_zero", "params": int(_PAPER_PARAMS_M[size] * 1e4), "gflops_per_img": g,
+                           "batch_img": batch_img, "seed": s0, "step": step, "img_seen": d,
+                           "train_flops": g * 1e9 * batch_img * step * 3, "val_mse_ema": loss}
+                    if step % eval_every == 0:
+                        row.update(fd=FD_LAW["F"] * loss ** FD_LAW["k"] * np.exp(rng.normal(0, fd_sigma)),
+                                   metric_name="fd500_domain", metric_label="FD-500 (domain features)",
+                                   feature_extractor="domain", num_samples=500)
+                    rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def write_example_figures(out_dir="docs/figures") -> None:

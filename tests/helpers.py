@@ -24,3 +24,28 @@ def randomize_(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torc
             if p.requires_grad:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def drawn_legend_texts(fig) -> list[str]:
+    """Texts of every legend entry that a saved copy of `fig` shows: legends of the figure and of its axes (the
+    ones kept with add_artist too), each checked to be visible and not clipped away by its axes, after a draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.legend import Legend
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    page = fig.get_tightbbox(renderer).transformed(fig.dpi_scale_trans)  # what bbox_inches="tight" saves, in px
+    texts = []
+    for leg in fig.findobj(Legend):
+        if not leg.get_visible():
+            continue
+        box = leg.get_window_extent(renderer)
+        clip = leg.get_clip_box()
+        if leg.get_clip_on() and clip is not None and not (clip.x0 <= box.x0 + 1 and box.x1 - 1 <= clip.x1 and
+                                                           clip.y0 <= box.y0 + 1 and box.y1 - 1 <= clip.y1):
+            continue  # clipped by the axes: not (fully) drawn
+        if not (page.x0 <= box.x0 + 1 and box.x1 - 1 <= page.x1 and page.y0 <= box.y0 + 1 and box.y1 - 1 <= page.y1):
+            continue  # outside what is saved
+        texts += [t.get_text() for t in leg.get_texts()]
+    return texts

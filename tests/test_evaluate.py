@@ -181,7 +181,8 @@ def test_evaluate_checkpoint_writes_one_row_per_setting(tmp_path):
     row = evaluate_checkpoint(run.path, 4, eval_cfg, device="cpu", progress=False)
     assert row["step"] == 4 and row["img_seen"] == 32 and row["setting"] == setting_key(eval_cfg)
     assert set(row["metrics"]) == {"fd20_domain", "is20_domain", "precision20_domain", "recall20_domain"}
-    assert row["fid"] == row["metrics"]["fd20_domain"] > 0 and row["metric_name"] == "fd20_domain"
+    assert row["fd"] == row["metrics"]["fd20_domain"] > 0 and row["metric_name"] == "fd20_domain"
+    assert "fid" not in row  # FID only with torch-fidelity's Inception weights
     assert row["feature_extractor"] == "domain" and row["feature_extractor_info"]["held_out_accuracy"] > 0.85
     assert 1 <= row["inception_score"] <= 10 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
     assert (row["num_samples"], row["num_ref"], row["sampler"], row["sampling_steps"], row["cfg_scale"],

@@ -8,6 +8,7 @@ import pytest
 from analysis.figures import (PAPER_LABEL, NoData, fig5_blocks, fig6_steps, fig8_gflops, fig9_train_compute,
                               fig10_sampling_compute, main, model_label)
 from fakes import make_fake_run, make_laptop_grid
+from helpers import drawn_legend_texts
 from scaling.results import REFERENCE_CSV, collect, paper_table
 
 
@@ -58,7 +59,7 @@ def test_fig6_on_laptop_grid(laptop, tmp_path):
     out = fig6_steps(laptop, tmp_path)
     csv = _check_files(out)
     assert csv["run_id"].nunique() == 12 and len(csv) == 12 * 6  # adaLN-Zero only, main eval setting only
-    _check_series(out, csv, "step", "fid")
+    _check_series(out, csv, "step", "fd")
     ax = out.fig.axes[0]
     assert ax.get_yscale() == "log"
     assert ax.get_ylabel() == "FD-1K (domain features)"
@@ -79,14 +80,14 @@ def test_fig8_reference_reproduces_paper(paper, tmp_path):
     pts = csv[csv["kind"] == "point"]
     ref = pd.read_csv(REFERENCE_CSV)
     assert len(pts) == 12
-    np.testing.assert_allclose(sorted(zip(pts["gflops_per_img"], pts["fid"])),
+    np.testing.assert_allclose(sorted(zip(pts["gflops_per_img"], pts["fd"])),
                                sorted(zip(ref["gflops"], ref["fid50k_400k"])))
     assert set(pts["label"]) == {f"DiT-{m.split('_')[1].upper()}/{p}" for m, p in zip(ref["model"], ref["patch"])}
-    _check_series(out, pts, "gflops_per_img", "fid")
+    _check_series(out, pts, "gflops_per_img", "fd")
     fit = csv[csv["kind"] == "fit"]
     lines = _lines(out)
-    np.testing.assert_allclose(lines["fit"][1], fit["fid"])
-    assert (fit["fid_lo"] <= fit["fid"]).all() and (fit["fid"] <= fit["fid_hi"]).all()
+    np.testing.assert_allclose(lines["fit"][1], fit["fd"])
+    assert (fit["fd_lo"] <= fit["fd"]).all() and (fit["fd"] <= fit["fd_hi"]).all()
     assert round(out.fits["pearson_r_log10_gflops"], 2) == -0.93
     assert "= -0.93" in out.fig.axes[0].get_title()
     assert out.fits["step"] == 400_000
@@ -102,7 +103,7 @@ def test_fig8_laptop_with_paper_overlay(laptop, tmp_path):
     assert out.fits["step"] == 8000  # the largest step every run reached
     assert len(csv[csv["kind"] == "point"]) == 12 and len(csv[csv["kind"] == "paper"]) == 12
     lines = _lines(out)
-    np.testing.assert_allclose(lines["paper"][1], csv.loc[csv["kind"] == "paper", "fid"])
+    np.testing.assert_allclose(lines["paper"][1], csv.loc[csv["kind"] == "paper", "fd"])
     texts = [t.get_text() for leg in out.fig.axes[0].findobj(lambda a: a.__class__.__name__ == "Legend")
              for t in leg.get_texts()]
     assert PAPER_LABEL in texts
@@ -115,7 +116,7 @@ def test_fig8_laptop_with_paper_overlay(laptop, tmp_path):
 def test_fig8_default_step_is_common_to_all_runs(tmp_path):
     for i, size in enumerate(("s", "b", "l")):
         steps = [100, 200, 300] if size != "l" else [100, 200]
-        make_fake_run(tmp_path, f"laptop_{size}", 4, evals=[{"step": s, "fid": 100.0 / (i + 1) / s} for s in steps])
+        make_fake_run(tmp_path, f"laptop_{size}", 4, evals=[{"step": s, "fd": 100.0 / (i + 1) / s} for s in steps])
     out = fig8_gflops(collect(tmp_path), tmp_path / "figs", n_boot=20)
     assert out.fits["step"] == 200
     with pytest.raises(NoData, match="at least 3 runs evaluated at step 300"):
@@ -129,10 +130,10 @@ def test_fig9_on_laptop_grid(laptop, tmp_path):
     assert len(ckpt) == 72
     np.testing.assert_allclose(ckpt["train_flops"], [laptop.set_index(["run_id", "step", "setting"]).loc[
         (r, s, "domain-n1000-ddpm100-cfg1.0-s0"), "train_flops"] for r, s in zip(ckpt["run_id"], ckpt["step"])])
-    _check_series(out, ckpt, "train_flops", "fid")
+    _check_series(out, ckpt, "train_flops", "fd")
     front = csv[csv["kind"] == "frontier"]
-    np.testing.assert_allclose(_lines(out)["frontier"][1], front["fid"])
-    assert (np.diff(front["fid"]) < 0).all()
+    np.testing.assert_allclose(_lines(out)["frontier"][1], front["fd"])
+    assert (np.diff(front["fd"]) < 0).all()
     assert 0.1 < out.fits["frontier_power_law"]["fit"]["alpha"] < 1.0
     assert sum(out.fits["compute_optimal"]["fraction_best"].values()) == pytest.approx(1.0)
 
@@ -150,7 +151,7 @@ def test_fig10_sampling_study(laptop, paper, tmp_path):
     np.testing.assert_allclose(csv["sampling_gflops"], [
         laptop.loc[laptop["run_id"] == r, "gflops_per_img"].iloc[0] * k
         for r, k in zip(csv["run_id"], csv["sampling_steps"])])
-    _check_series(out, csv, "sampling_gflops", "fid")
+    _check_series(out, csv, "sampling_gflops", "fd")
     with pytest.raises(NoData, match="sampling step counts"):
         fig10_sampling_compute(paper, tmp_path)
 
@@ -160,7 +161,7 @@ def test_fig5_block_designs(laptop, paper, tmp_path):
     csv = _check_files(out)
     assert set(csv["block"]) == {"adaln_zero", "adaln", "cross_attn", "in_context"}
     assert csv["run_id"].str.startswith("laptop_xl-p2").all()  # the largest model with several designs
-    _check_series(out, csv, "step", "fid")
+    _check_series(out, csv, "step", "fd")
     with pytest.raises(NoData, match="2\\+ block designs"):
         fig5_blocks(paper, tmp_path)
 
@@ -187,3 +188,15 @@ def test_cli_output_root_skips_figures_without_data(tmp_path, capsys):
     assert {"fig6_fid_vs_steps.png", "fig8_fid_vs_gflops.pdf", "fig9_fid_vs_train_compute.csv", "fits.json"} <= names
     fits = json.loads((tmp_path / "figs" / "fits.json").read_text())
     assert set(fits) == {"fig8", "fig9"}
+
+
+@pytest.mark.parametrize("make", [fig6_steps, fig8_gflops, fig9_train_compute, fig10_sampling_compute, fig5_blocks])
+def test_every_plotted_model_is_named_in_a_drawn_legend(laptop, tmp_path, make):
+    """Read the legends back from the saved figure's objects: each plotted run's label is in a legend that is
+    drawn (matplotlib >= 3.10 clips a legend kept through ax.add_artist to the axes, so Fig. 8 lost its 12)."""
+    out = make(laptop, tmp_path, **({"n_boot": 30} if make in (fig8_gflops, fig9_train_compute) else {}))
+    labels = set(out.data["label"].dropna()) - {"fit", "frontier fit"}
+    if "kind" in out.data.columns:
+        labels = set(out.data.loc[out.data["kind"].isin(["point", "checkpoint"]), "label"]) or labels
+    texts = drawn_legend_texts(out.fig)
+    assert labels and labels <= set(texts), sorted(labels - set(texts))

@@ -97,32 +97,32 @@ def test_bootstrap_band_contains_fit():
 
 def test_pearson_reproduces_paper_fig8():
     df = paper_table()
-    r = pearson_log(df, "gflops_per_img", "fid")
+    r = pearson_log(df, "gflops_per_img", "fd")
     assert round(r, 2) == -0.93
-    assert r == pytest.approx(pearsonr(np.log10(df["gflops_per_img"]), df["fid"]).statistic, abs=1e-12)
+    assert r == pytest.approx(pearsonr(np.log10(df["gflops_per_img"]), df["fd"]).statistic, abs=1e-12)
 
 
 def test_frontier_is_the_running_minimum():
     df = pd.DataFrame({"run_id": ["s", "s", "s", "l", "l", "l"],
-                       "train_flops": [1, 2, 4, 3, 6, 12], "fid": [50, 40, 35, 45, 30, 20]})
+                       "train_flops": [1, 2, 4, 3, 6, 12], "fd": [50, 40, 35, 45, 30, 20]})
     f = frontier(df)
-    assert list(zip(f["run_id"], f["train_flops"], f["fid"])) == [("s", 1, 50), ("s", 2, 40), ("s", 4, 35),
+    assert list(zip(f["run_id"], f["train_flops"], f["fd"])) == [("s", 1, 50), ("s", 2, 40), ("s", 4, 35),
                                                                    ("l", 6, 30), ("l", 12, 20)]
     # invariant on random data: each frontier point is the best of everything at or below its compute
     rng = np.random.default_rng(0)
     r = pd.DataFrame({"run_id": rng.integers(0, 5, 200), "train_flops": rng.uniform(1, 100, 200),
-                      "fid": rng.uniform(1, 100, 200)})
+                      "fd": rng.uniform(1, 100, 200)})
     f = frontier(r)
-    assert (np.diff(f["fid"]) < 0).all() and (np.diff(f["train_flops"]) >= 0).all()
-    for c, y in zip(f["train_flops"], f["fid"]):
-        assert y == r.loc[r["train_flops"] <= c, "fid"].min()
+    assert (np.diff(f["fd"]) < 0).all() and (np.diff(f["train_flops"]) >= 0).all()
+    for c, y in zip(f["train_flops"], f["fd"]):
+        assert y == r.loc[r["train_flops"] <= c, "fd"].min()
 
 
 def test_frontier_fit_recovers_the_envelope():
     # one run per envelope point lies on y = 10 c^-0.3; other checkpoints lie 50% above it
     c = np.geomspace(1e12, 1e16, 12)
-    rows = [{"run_id": f"on{i}", "train_flops": ci, "fid": 10 * ci ** -0.3 * 1e4} for i, ci in enumerate(c)]
-    rows += [{"run_id": f"off{i}", "train_flops": ci * 1.3, "fid": 1.5 * 10 * (ci * 1.3) ** -0.3 * 1e4}
+    rows = [{"run_id": f"on{i}", "train_flops": ci, "fd": 10 * ci ** -0.3 * 1e4} for i, ci in enumerate(c)]
+    rows += [{"run_id": f"off{i}", "train_flops": ci * 1.3, "fd": 1.5 * 10 * (ci * 1.3) ** -0.3 * 1e4}
              for i, ci in enumerate(c)]
     df = pd.DataFrame(rows)
     assert len(frontier(df)) == 12
@@ -147,7 +147,7 @@ def _two_runs(noise=0.0, seed=0):
         for step in (1e3, 2e3, 4e3, 8e3, 16e3, 32e3, 64e3):
             c = g * 1e9 * 256 * step * 3
             fid = a * (1 + 6e3 / step) * np.exp(rng.normal(0, noise))
-            rows.append({"run_id": run, "model": run, "patch": 2, "train_flops": c, "fid": fid})
+            rows.append({"run_id": run, "model": run, "patch": 2, "train_flops": c, "fd": fid})
     return pd.DataFrame(rows)
 
 
@@ -173,14 +173,14 @@ def test_compute_optimal_uncertainty_grows_where_curves_cross():
 
 def test_held_out_largest_model():
     x = np.geomspace(1, 200, 8)
-    df = pd.DataFrame({"run_id": [f"m{i}" for i in range(8)], "g": x, "fid": 100 * x ** -0.35})
-    h = held_out(df, "g", "fid")
+    df = pd.DataFrame({"run_id": [f"m{i}" for i in range(8)], "g": x, "fd": 100 * x ** -0.35})
+    h = held_out(df, "g", "fd")
     assert h.table["run_id"].tolist() == ["m7"]
     assert h.max_abs_rel_error < 1e-6
     assert h.fit.n == 7
-    df.loc[7, "fid"] *= 1.2  # the largest model underperforms the law by 20%
-    h = held_out(df, "g", "fid")
+    df.loc[7, "fd"] *= 1.2  # the largest model underperforms the law by 20%
+    h = held_out(df, "g", "fd")
     assert h.table["rel_error"].iloc[0] == pytest.approx(1 / 1.2 - 1, rel=1e-4)
-    assert held_out(df, "g", "fid", holdout=["m0", "m1"]).table["run_id"].tolist() == ["m0", "m1"]
+    assert held_out(df, "g", "fd", holdout=["m0", "m1"]).table["run_id"].tolist() == ["m0", "m1"]
     with pytest.raises(ValueError, match="holdout=\\['zz'\\] not found"):
-        held_out(df, "g", "fid", holdout="zz")
+        held_out(df, "g", "fd", holdout="zz")

@@ -18,7 +18,8 @@ from scaling.flops import closed_form_gflops
 ROOT = Path(__file__).resolve().parents[1]
 GRID = {(m, p) for m in ("laptop_s", "laptop_b", "laptop_l", "laptop_xl") for p in (2, 4, 8)}
 REDUCED = ["data.max_images=256", "train.batch_img=8", "train.steps=4", "train.ckpt_every=2", "train.log_every=2",
-           "eval.num_samples=16", "eval.num_ref=64", "eval.sampling_steps=2", "eval.batch_size=16", "wandb=disabled"]
+           "eval.num_samples=16", "eval.num_ref=64", "eval.sampling_steps=2", "eval.batch_size=16", "wandb=disabled",
+           "val.heldout_img=32"]
 
 
 def launch(root: Path, *extra: str) -> subprocess.CompletedProcess:

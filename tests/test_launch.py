@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "scaling" / "reference" / "dit_table4.csv"
 TINY = ["model=laptop_s", "data.image_size=16", "data.max_images=256", "train.batch_img=8", "train.log_every=1",
         "train.ckpt_every=3", "train.steps=6", "eval.num_samples=16", "eval.num_ref=64", "eval.sampling_steps=5",
-        "eval.batch_size=16", "wandb=disabled"]
+        "eval.batch_size=16", "wandb=disabled", "val.heldout_img=32"]
 
 
 cli = run_launch
@@ -477,7 +477,8 @@ def test_local_grid_trains_evaluates_and_a_relaunch_skips_it(tmp_path):
     assert snapshot(tmp_path / "runs") == before
     with open(tmp_path / "analysis" / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert sorted((r["patch"], r["step"]) for r in rows) == [("4", "3"), ("4", "6"), ("8", "3"), ("8", "6")]
+    assert sorted((r["patch"], r["step"]) for r in rows if r["fd"]) == [("4", "3"), ("4", "6"), ("8", "3"), ("8", "6")]
+    assert len(rows) == 12 and all(r["val_mse_ema"] for r in rows)  # + the held-out loss at every logged step
     assert (tmp_path / "analysis" / "fig6_fid_vs_steps.csv").is_file()
     table = subprocess.run([sys.executable, "-m", "scaling.status", str(tmp_path)], capture_output=True, text=True)
     assert table.stdout.strip().endswith("2 runs: 2 done")

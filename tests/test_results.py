@@ -19,12 +19,12 @@ def test_metric_label_names_the_feature_space():
 
 def _runs(root):
     make_fake_run(root, "laptop_b", 2, evals=[
-        {"step": 100, "fid": 90.0}, {"step": 200, "fid": 60.0},
-        {"step": 200, "fid": 30.0, "feature_extractor": "inception", "num_samples": 50_000, "sampling_steps": 250},
+        {"step": 100, "fd": 90.0}, {"step": 200, "fd": 60.0},
+        {"step": 200, "fd": 30.0, "feature_extractor": "inception", "num_samples": 50_000, "sampling_steps": 250},
     ], batch_img=32, gflops_per_img=0.25)
     make_fake_run(root, "laptop_s", 8, files=("plan",))  # only plan.json: no status, no evals
-    make_fake_run(root, "laptop_l", 4, evals=[{"step": 50, "fid": 120.0}],
-                  extra_eval_lines=['{"step": 60, "fid": 1', "not json", "[1, 2]"])
+    make_fake_run(root, "laptop_l", 4, evals=[{"step": 50, "fd": 120.0}],
+                  extra_eval_lines=['{"step": 60, "fd": 1', "not json", "[1, 2]"])
 
 
 def test_collect_one_row_per_checkpoint_and_setting(tmp_path):
@@ -36,7 +36,7 @@ def test_collect_one_row_per_checkpoint_and_setting(tmp_path):
     assert all(str(w.message).startswith("laptop_l-p4") for w in caught)  # and the run
     assert list(df.columns[:len(COLUMNS)]) == COLUMNS
     assert df["run_id"].nunique() == 3
-    b = df[df["model"] == "laptop_b"].sort_values(["step", "fid"])
+    b = df[df["model"] == "laptop_b"].sort_values(["step", "fd"])
     assert len(b) == 3
     assert b["step"].tolist() == [100, 200, 200]
     # train_flops = gflops x 1e9 x batch x step x 3, in FLOPs
@@ -54,20 +54,20 @@ def test_run_without_evals_still_appears(tmp_path):
         df = collect([tmp_path])
     s = df[df["model"] == "laptop_s"]
     assert len(s) == 1
-    assert pd.isna(s["fid"].iloc[0]) and pd.isna(s["step"].iloc[0])
+    assert pd.isna(s["fd"].iloc[0]) and pd.isna(s["step"].iloc[0])
     assert s["state"].iloc[0] == "pending"  # no status.json yet
     assert s["params"].iloc[0] > 0 and s["gflops_per_img"].iloc[0] > 0
 
 
 def test_reevaluated_checkpoint_keeps_latest_line(tmp_path):
-    make_fake_run(tmp_path, "laptop_s", 4, evals=[{"step": 100, "fid": 50.0}, {"step": 100, "fid": 40.0}])
+    make_fake_run(tmp_path, "laptop_s", 4, evals=[{"step": 100, "fd": 50.0}, {"step": 100, "fd": 40.0}])
     df = collect(tmp_path)
-    assert df["fid"].tolist() == [40.0]
+    assert df["fd"].tolist() == [40.0]
 
 
 def test_several_roots_and_bad_root(tmp_path):
-    make_fake_run(tmp_path / "a", "laptop_s", 4, evals=[{"step": 10, "fid": 5.0}])
-    make_fake_run(tmp_path / "b", "laptop_b", 4, evals=[{"step": 10, "fid": 4.0}])
+    make_fake_run(tmp_path / "a", "laptop_s", 4, evals=[{"step": 10, "fd": 5.0}])
+    make_fake_run(tmp_path / "b", "laptop_b", 4, evals=[{"step": 10, "fd": 4.0}])
     (tmp_path / "b" / "runs" / "half_created").mkdir()
     with pytest.warns(UserWarning, match="without plan.json"):
         df = collect([tmp_path / "a", tmp_path / "b"])
@@ -77,7 +77,7 @@ def test_several_roots_and_bad_root(tmp_path):
 
 
 def test_cli_writes_csv_that_reads_back(tmp_path, capsys):
-    make_fake_run(tmp_path, "laptop_xl", 2, evals=[{"step": 10, "fid": 5.0}, {"step": 20, "fid": 3.0}])
+    make_fake_run(tmp_path, "laptop_xl", 2, evals=[{"step": 10, "fd": 5.0}, {"step": 20, "fd": 3.0}])
     out = tmp_path / "out" / "results.csv"
     assert main([str(tmp_path), "-o", str(out)]) == 0
     assert "1 runs, 2 evaluated rows" in capsys.readouterr().out
@@ -94,9 +94,9 @@ def test_paper_table_from_reference():
     ref = pd.read_csv(reference_csv)
     assert len(df) == 12 and set(df["metric_label"]) == {"FID-50K (Inception)"}
     xl2 = df[(df["model"] == "dit_xl") & (df["patch"] == 2)].iloc[0]
-    assert xl2["fid"] == 19.47 and xl2["gflops_per_img"] == 118.64
+    assert xl2["fd"] == xl2["fid"] == 19.47 and xl2["gflops_per_img"] == 118.64  # Inception: FD is FID
     assert xl2["train_flops"] == pytest.approx(118.64e9 * 256 * 400_000 * 3)
-    np.testing.assert_allclose(sorted(df["fid"]), sorted(ref["fid50k_400k"]))
+    np.testing.assert_allclose(sorted(df["fd"]), sorted(ref["fid50k_400k"]))
     # read_table recognises the reference CSV
     pd.testing.assert_frame_equal(read_table(reference_csv), df)
 
@@ -116,3 +116,18 @@ def test_read_table_rejects_other_files(tmp_path):
         read_table(p)
     with pytest.raises(ValueError, match="neither a results file"):
         read_table(tmp_path / "nope.csv")
+
+
+def test_fid_only_for_inception_and_legacy_tables_read(tmp_path):
+    _runs(tmp_path)
+    with pytest.warns(UserWarning):
+        df = collect([tmp_path])
+    b = df[df["model"] == "laptop_b"].set_index("feature_extractor")
+    assert b.loc["inception", "fid"] == b.loc["inception", "fd"] == 30.0
+    assert b.loc["domain", "fid"].isna().all() and b.loc["domain", "fd"].notna().all()
+    # a table (or evals.jsonl) from before the fd column held every Frechet distance under "fid"
+    legacy = df.drop(columns=["fd"])
+    legacy["fid"] = df["fd"]
+    back = read_table(write_table(legacy, tmp_path / "old.csv")[0])
+    pd.testing.assert_series_equal(back["fd"], df["fd"])
+    assert back.loc[back["feature_extractor"] == "domain", "fid"].isna().all()

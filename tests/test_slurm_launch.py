@@ -17,7 +17,8 @@ import pytest
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["data.image_size=16", "data.max_images=256", "train.batch_img=8", "train.log_every=1", "wandb=disabled"]
+TINY = ["data.image_size=16", "data.max_images=256", "train.batch_img=8", "train.log_every=1", "wandb=disabled",
+        "val.heldout_img=32"]
 # One CPU and a little memory per job: the test cluster is one 2-core node. timeout_min < 12.5 makes submitit count
 # every USR2 as a time limit, so max_num_timeout (20 in conf/hydra/launcher/slurm.yaml) must allow the requeue.
 SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",

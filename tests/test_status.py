@@ -57,13 +57,19 @@ def test_row_reads_step_total_loss_eval_and_rate(tmp_path):
     run = make_run(tmp_path, "r", "done", 300, steps=300,
                    metrics=[{"step": 100, "loss": 0.5, "img_per_s": 10.0, "time": 1.0},
                             {"step": 300, "loss": 0.25, "img_per_s": 12.5, "time": 2.0}],
-                   evals=[{"step": 300, "fid": 41.234, "feature_extractor": "domain", "num_samples": 1000}])
+                   evals=[{"step": 300, "fd": 41.234, "feature_extractor": "domain", "num_samples": 1000}])
     row = run_row(run)
     assert (row["state"], row["step"], row["steps"], row["loss"], row["img_per_s"]) == ("done", 300, 300, 0.25, 12.5)
     assert row["eval"] == "FD-1K(domain) 41.23 @300"
-    assert eval_label({"step": 8, "fid": 19.5, "feature_extractor": "inception", "num_samples": 50000}) == \
+    assert eval_label({"step": 8, "fd": 19.5, "feature_extractor": "inception", "num_samples": 50000}) == \
         "FID-50K(inception) 19.50 @8"
-    assert eval_label(None) == "" and eval_label({"fid": None}) == ""
+    assert eval_label(None) == "" and eval_label({"fd": None}) == ""
+    # an evals.jsonl row written before the fd key (every FD under "fid") still reads, and only the reference
+    # Inception weights make an FID
+    assert eval_label({"step": 8, "fid": 7.0, "feature_extractor": "domain", "num_samples": 500}) == \
+        "FD-500(domain) 7.00 @8"
+    assert eval_label({"step": 8, "fd": 7.0, "feature_extractor": "inception_offline", "num_samples": 1000}) == \
+        "FD-1K(inception_offline) 7.00 @8"
 
 
 def test_last_row_skips_a_torn_line_and_reads_only_the_tail(tmp_path):

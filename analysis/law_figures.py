@@ -1,0 +1,320 @@
+"""Figures of the laws that forecast (analysis.laws, analysis.forecasts), each PNG + PDF + the CSV it plots.
+
+    python -m analysis.law_figures results.csv -o figures/ [--loss val_mse_ema] [--fd fd]
+
+One function per figure: loss curves, the compute envelope with its fit, isoFLOP profiles with their minima,
+N_opt(C), predicted vs measured for the held-out checks, FD vs loss. The loss is a held-out diffusion loss of
+the results table (scaling.valloss: `val_mse_ema` by default); model size is Gflops per image (analysis.laws).
+A figure without data raises NoData; the CLI prints why and goes on, and writes laws.json beside the figures.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis.figures import (FigureOutput, NoData, _label_of, _log_axis, _new_figure, _runs_in_order, _style,
+                              save)
+from analysis.fits import _finite, bootstrap_frontier, frontier, predict
+from analysis.forecasts import Forecast, forecast_curve_end, forecast_fd, forecast_largest
+from analysis.laws import bootstrap_joint_law, fit_fd_vs_loss, isoflop_profiles
+from scaling.results import read_table
+
+LOSS_COL = "val_mse_ema"
+LOSS_LABEL = {"val_mse_ema": "held-out L_simple (eps MSE, EMA)", "val_mse_raw": "held-out L_simple (eps MSE, raw)"}
+
+
+def _loss_rows(df: pd.DataFrame, loss_col: str) -> pd.DataFrame:
+    if loss_col not in df.columns:
+        raise NoData(f"the table has no {loss_col!r} column (runs trained without the held-out loss)")
+    d = _finite(df, loss_col, "train_flops", "img_seen", "gflops_per_img")
+    d = d[d["img_seen"] > 0]
+    if d["run_id"].nunique() < 3:
+        raise NoData(f"{loss_col}: fewer than 3 runs have held-out loss values")
+    return d.drop_duplicates(["run_id", "img_seen"], keep="last")
+
+
+def _legend_outside(fig) -> None:
+    """Every labelled artist of the axes in one figure legend right of them (drawn in full, never clipped)."""
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=7.5, frameon=False)
+
+
+def _per_run_curves(ax, d: pd.DataFrame, x_col: str, y_col: str, rows: list, kind: str = "curve") -> None:
+    for run, g in _runs_in_order(d):
+        g = g.sort_values(x_col)
+        p = g.iloc[0]
+        label = _label_of(g)
+        ax.plot(g[x_col], g[y_col], label=label, gid=run, lw=1.3, ms=2.5, alpha=0.9, **_style(p["model"], p["patch"]))
+        rows += [{"kind": kind, "label": label, "run_id": run, x_col: x, y_col: y} for x, y in zip(g[x_col], g[y_col])]
+
+
+def loss_curves(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, name: str = "loss_curves") -> FigureOutput:
+    """Held-out loss vs images seen, one curve per run (colour = size, line = patch), log-log."""
+    d = _loss_rows(df, loss_col)
+    fig, ax = _new_figure(7.5, 4.6)
+    rows = []
+    _per_run_curves(ax, d, "img_seen", loss_col, rows)
+    _log_axis(ax.xaxis)
+    _log_axis(ax.yaxis)
+    ax.set_xlabel("Training images seen")
+    ax.set_ylabel(LOSS_LABEL.get(loss_col, loss_col))
+    ax.set_title("Held-out loss over training")
+    _legend_outside(fig)
+    return save(FigureOutput(name, fig, pd.DataFrame(rows)), out_dir)
+
+
+def compute_envelope(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, n_boot: int = 300, seed: int = 0,
+                     name: str = "loss_envelope") -> FigureOutput:
+    """Every run's loss vs training compute, the envelope (lowest loss at each compute) and its fit
+    E + A C^-alpha with the bootstrap band over runs."""
+    d = _loss_rows(df, loss_col)
+    fig, ax = _new_figure(7.5, 4.6)
+    rows = []
+    _per_run_curves(ax, d, "train_flops", loss_col, rows)
+    front = frontier(d, "train_flops", loss_col)
+    ax.plot(front["train_flops"], front[loss_col], ls="none", marker="o", ms=5, mfc="none", mec="black", mew=0.8,
+            gid="envelope", label="envelope (lowest loss so far)")
+    rows += [{"kind": "envelope", "label": "envelope", "run_id": r, "train_flops": c, loss_col: y}
+             for r, c, y in front[["run_id", "train_flops", loss_col]].itertuples(index=False)]
+    x_pred = np.geomspace(front["train_flops"].min(), d["train_flops"].max() * 4, 60)
+    boot = bootstrap_frontier(d, "train_flops", loss_col, n_boot=n_boot, seed=seed, floor=True, x_pred=x_pred)
+    f, (lo, hi) = boot.fit, boot.ci["alpha"]
+    ax.fill_between(boot.pred["x"], boot.pred["y_lo"], boot.pred["y_hi"], color="0.5", alpha=0.2, lw=0, gid="band",
+                    label=f"{boot.level:.0%} band ({boot.n_boot} resamples of runs)")
+    ax.plot(boot.pred["x"], boot.pred["y"], color="black", ls=(0, (5, 2)), lw=1.2, gid="envelope_fit",
+            label=rf"E + A C$^{{-\alpha}}$: E = {f.E:.4g}, $\alpha$ = {f.alpha:.3f} [{lo:.3f}, {hi:.3f}]")
+    rows += [{"kind": "fit", "label": "fit", "run_id": None, "train_flops": x, loss_col: y, "lo": a, "hi": b}
+             for x, y, a, b in boot.pred[["x", "y", "y_lo", "y_hi"]].itertuples(index=False)]
+    _log_axis(ax.xaxis)
+    _log_axis(ax.yaxis)
+    ax.set_xlabel("Training compute (FLOPs = Gflops/img x 1e9 x images x 3)")
+    ax.set_ylabel(LOSS_LABEL.get(loss_col, loss_col))
+    ax.set_title("Compute envelope of the held-out loss")
+    _legend_outside(fig)
+    return save(FigureOutput(name, fig, pd.DataFrame(rows), fits={"envelope": boot.to_dict()}), out_dir)
+
+
+def isoflop_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=None, n_boot: int = 200,
+                   seed: int = 0, name: str = "isoflop_profiles") -> FigureOutput:
+    """Per budget: loss vs model size (each run read at the budget), the fitted parabola and its minimum."""
+    d = _loss_rows(df, loss_col)
+    try:
+        iso = isoflop_profiles(d, loss_col, budgets=budgets, n_boot=n_boot, seed=seed)
+    except ValueError as e:
+        raise NoData(str(e)) from None
+    fig, ax = _new_figure(7.0, 4.6)
+    colors = [f"C{i}" for i in range(10)]
+    rows = []
+    for i, (b, p) in enumerate(iso.profiles.groupby("budget", sort=True)):
+        c = colors[i % 10]
+        ax.plot(p[iso.size_col], p[loss_col], ls="none", marker="o", ms=4, color=c, gid=f"profile_{i}",
+                label=f"C = {b:.2g} FLOPs")
+        rows += [{"kind": "profile", "budget": b, "run_id": r, "size": s, loss_col: y}
+                 for r, s, y in p[["run_id", iso.size_col, loss_col]].itertuples(index=False)]
+        o = iso.optima[iso.optima["budget"] == b]
+        if o.empty:
+            continue
+        o = o.iloc[0]
+        xs = np.geomspace(p[iso.size_col].min(), p[iso.size_col].max(), 50)
+        ys = np.polyval([o["c2"], o["c1"], o["c0"]], np.log(xs))
+        ax.plot(xs, ys, color=c, lw=1.0, alpha=0.8, gid=f"parabola_{i}")
+        ax.plot([o["n_opt"]], [o["loss_opt"]], marker="*" if o["interior"] else "x", ms=11, color=c, mec="black",
+                ls="none", gid=f"optimum_{i}")
+        rows += [{"kind": "parabola", "budget": b, "run_id": None, "size": x, loss_col: y} for x, y in zip(xs, ys)]
+        rows.append({"kind": "optimum" if o["interior"] else "edge_optimum", "budget": b, "run_id": None,
+                     "size": o["n_opt"], loss_col: o["loss_opt"]})
+    ax.plot([], [], marker="*", ls="none", color="0.3", mec="black", ms=11, label="interior minimum")
+    ax.plot([], [], marker="x", ls="none", color="0.3", ms=9, label="minimum at the sweep's edge")
+    _log_axis(ax.xaxis)
+    _log_axis(ax.yaxis)
+    ax.set_xlabel("Model size (Gflops per image)")
+    ax.set_ylabel(LOSS_LABEL.get(loss_col, loss_col))
+    ax.set_title("IsoFLOP profiles (parabola in log size per budget)")
+    _legend_outside(fig)
+    return save(FigureOutput(name, fig, pd.DataFrame(rows), fits={"isoflop": iso.to_dict()}), out_dir)
+
+
+def n_opt_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=None, n_boot: int = 200,
+                 seed: int = 0, name: str = "n_opt_vs_compute") -> FigureOutput:
+    """Compute-optimal size vs budget: isoFLOP optima (approach 2) with intervals and their power law, and the
+    joint law's N_opt(C) (approach 3) with its exponent's interval."""
+    d = _loss_rows(df, loss_col)
+    try:
+        iso = isoflop_profiles(d, loss_col, budgets=budgets, n_boot=n_boot, seed=seed)
+        joint = bootstrap_joint_law(d, loss_col, n_boot=max(n_boot // 2, 10), seed=seed)
+    except ValueError as e:
+        raise NoData(str(e)) from None
+    fig, ax = _new_figure(7.0, 4.6)
+    o = iso.optima
+    inner = o[o["interior"]]
+    ax.errorbar(inner["budget"], inner["n_opt"], yerr=[inner["n_opt"] - inner["n_lo"], inner["n_hi"] - inner["n_opt"]],
+                fmt="o", color="C0", capsize=3, gid="isoflop_optima", label="isoFLOP optimum (interval over runs)")
+    edge = o[~o["interior"]]
+    ax.plot(edge["budget"], edge["n_opt"], ls="none", marker="x", color="C0", gid="edge_optima",
+            label="optimum at the sweep's edge (not fitted)")
+    cs = np.geomspace(o["budget"].min() / 3, o["budget"].max() * 10, 50)
+    rows = [{"kind": "optimum" if r.interior else "edge_optimum", "train_flops": r.budget, "n_opt": r.n_opt,
+             "n_lo": r.n_lo, "n_hi": r.n_hi} for r in o.itertuples(index=False)]
+    if iso.fit is not None:
+        lo, hi = iso.exponent_ci
+        y = predict(iso.fit, cs)
+        ax.plot(cs, y, color="C0", lw=1.2, gid="isoflop_law",
+                label=rf"approach 2: N$_{{opt}}$ $\propto$ C$^{{{iso.exponent:.2f}}}$ [{lo:.2f}, {hi:.2f}]")
+        rows += [{"kind": "approach2", "train_flops": c, "n_opt": v} for c, v in zip(cs, y)]
+    law, (lo, hi) = joint.law, joint.ci["n_opt_exponent"]
+    y3 = law.n_opt(cs)
+    ax.plot(cs, y3, color="C3", ls="--", lw=1.2, gid="joint_law",
+            label=rf"approach 3 (joint law): N$_{{opt}}$ $\propto$ C$^{{{law.n_opt_exponent:.2f}}}$ [{lo:.2f}, {hi:.2f}]")
+    rows += [{"kind": "approach3", "train_flops": c, "n_opt": v} for c, v in zip(cs, y3)]
+    sizes = d.groupby("run_id")["gflops_per_img"].first()
+    ax.axhspan(sizes.min(), sizes.max(), color="0.85", alpha=0.4, lw=0, gid="grid_span", label="sizes trained")
+    _log_axis(ax.xaxis)
+    _log_axis(ax.yaxis)
+    ax.set_xlabel("Training compute C (FLOPs)")
+    ax.set_ylabel("Compute-optimal size (Gflops per image)")
+    ax.set_title("Compute-optimal model size")
+    _legend_outside(fig)
+    return save(FigureOutput(name, fig, pd.DataFrame(rows), fits={"isoflop": iso.to_dict(),
+                                                                   "joint_law": joint.to_dict()}), out_dir)
+
+
+CHECK_LABELS = {"forecast_largest": "largest models from the smallest", "forecast_fd": "FD through FD(loss)",
+                "forecast_curve_end": "curve end from its first half"}
+
+
+def predicted_vs_measured(forecasts: list[Forecast], out_dir, name: str = "predicted_vs_measured") -> FigureOutput:
+    """Held-out points: predicted vs measured, the law (filled) against its naive baseline (open), one panel
+    per check, with the median absolute errors in the panel titles."""
+    if not forecasts:
+        raise NoData("no held-out check could be run")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(forecasts) + 1.5, 4.2), layout="constrained")
+    rows = []
+    for i, fc in enumerate(forecasts):
+        ax = fig.add_subplot(1, len(forecasts), i + 1)
+        t, s = fc.table, fc.summary()
+        lim = [min(t[["y_true", "y_pred", "y_naive"]].min()) / 1.1, max(t[["y_true", "y_pred", "y_naive"]].max()) * 1.1]
+        ax.plot(lim, lim, color="0.5", lw=0.8, gid=f"identity_{i}", label="predicted = measured" if i == 0 else None)
+        ax.plot(t["y_true"], t["y_pred"], ls="none", marker="o", color="C3", gid=f"law_{i}",
+                label="law" if i == 0 else None)
+        ax.plot(t["y_true"], t["y_naive"], ls="none", marker="o", mfc="none", color="0.3", gid=f"naive_{i}",
+                label="naive baseline" if i == 0 else None)
+        ax.set_xlim(lim)
+        ax.set_ylim(lim)
+        _log_axis(ax.xaxis)
+        _log_axis(ax.yaxis)
+        ax.grid(True, alpha=0.3)
+        ax.set_xlabel(f"measured {fc.y_col}")
+        ax.set_ylabel(f"predicted {fc.y_col}")
+        ax.set_title(f"{CHECK_LABELS.get(fc.check, fc.check)}\nmedian |err| {s['median_abs_rel_error']:.1%} "
+                     f"vs naive {s['naive_median_abs_rel_error']:.1%}", fontsize=9)
+        rows += [{"check": fc.check, "y_col": fc.y_col, **r} for r in t.to_dict("records")]
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
+    return save(FigureOutput(name, fig, pd.DataFrame(rows), fits={f.check: f.summary() for f in forecasts}),
+                out_dir)
+
+
+def fd_vs_loss(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str = "fd", fit_runs=None,
+               name: str = "fd_vs_loss") -> FigureOutput:
+    """FD against held-out loss at the evaluated checkpoints, the law FD = A L^k fitted on `fit_runs` (default:
+    every run) and drawn over all of them."""
+    d = _loss_rows(df, loss_col)
+    d = _finite(d, fd_col) if fd_col in d.columns else d.iloc[:0]
+    if d.empty:
+        raise NoData(f"no evaluated checkpoint has both {loss_col} and {fd_col}")
+    seen = d if fit_runs is None else d[d["run_id"].isin(fit_runs)]
+    law = fit_fd_vs_loss(seen, loss_col, fd_col)
+    fig, ax = _new_figure(7.0, 4.6)
+    rows = []
+    for run, g in _runs_in_order(d):
+        p = g.iloc[0]
+        st = _style(p["model"], p["patch"])
+        held = fit_runs is not None and run not in set(fit_runs)
+        ax.plot(g[loss_col], g[fd_col], ls="none", marker=st["marker"], color=st["color"], ms=6,
+                mfc="none" if held else st["color"], gid=run, label=_label_of(g) + (" (held out)" if held else ""))
+        rows += [{"kind": "point", "label": _label_of(g), "run_id": run, "held_out": held, loss_col: x, fd_col: y}
+                 for x, y in zip(g[loss_col], g[fd_col])]
+    xs = np.geomspace(d[loss_col].min() * 0.97, d[loss_col].max() * 1.03, 50)
+    ax.plot(xs, predict(law, xs), color="black", lw=1.1, gid="fd_law",
+            label=rf"fit: FD = {law.A:.3g} L$^{{{-law.alpha:.2f}}}$ ({law.n} points)")
+    rows += [{"kind": "fit", "label": "fit", "run_id": None, loss_col: x, fd_col: y}
+             for x, y in zip(xs, predict(law, xs))]
+    _log_axis(ax.xaxis)
+    _log_axis(ax.yaxis)
+    metric = d["metric_label"].dropna().iloc[0] if "metric_label" in d and d["metric_label"].notna().any() else fd_col
+    ax.set_xlabel(LOSS_LABEL.get(loss_col, loss_col))
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric.split(' (')[0]} as a function of the held-out loss")
+    _legend_outside(fig)
+    return save(FigureOutput(name, fig, pd.DataFrame(rows), fits={"fd_vs_loss": law.to_dict()}), out_dir)
+
+
+def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str = "fd", n_boot: int = 200,
+               seed: int = 0) -> tuple[list[FigureOutput], dict]:
+    """Every law figure that has data, laws.json beside them (fits and held-out summaries)."""
+    out_dir = Path(out_dir)
+    checks, reasons = [], {}
+    for check, run in (("forecast_largest", lambda: forecast_largest(df, loss_col)),
+                       ("forecast_fd", lambda: forecast_fd(df, loss_col, fd_col)),
+                       ("forecast_curve_end", lambda: forecast_curve_end(df, loss_col))):
+        try:
+            checks.append(run())
+        except (ValueError, KeyError) as e:
+            reasons[check] = str(e)
+    fd_fit_runs = next((c.fitted_runs for c in checks if c.check == "forecast_fd"), None)
+    makers = {"loss_curves": lambda: loss_curves(df, out_dir, loss_col),
+              "envelope": lambda: compute_envelope(df, out_dir, loss_col, n_boot=n_boot, seed=seed),
+              "isoflop": lambda: isoflop_figure(df, out_dir, loss_col, n_boot=n_boot, seed=seed),
+              "n_opt": lambda: n_opt_figure(df, out_dir, loss_col, n_boot=n_boot, seed=seed),
+              "predicted_vs_measured": lambda: predicted_vs_measured(checks, out_dir),
+              "fd_vs_loss": lambda: fd_vs_loss(df, out_dir, loss_col, fd_col, fit_runs=fd_fit_runs)}
+    outputs, fits = [], {"held_out": {c.check: c.to_dict() for c in checks}, "skipped_checks": reasons}
+    for key, make in makers.items():
+        try:
+            out = make()
+        except ValueError as e:  # NoData, or a fit with too few points (a short study): say why, go on
+            print(f"[law_figures] skipped {key}: {e}")
+            fits.setdefault("skipped_figures", {})[key] = str(e)
+            continue
+        outputs.append(out)
+        fits[key] = out.fits
+        out.fig.clf()
+        print(f"[law_figures] wrote {', '.join(str(p) for p in out.paths)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "laws.json").write_text(json.dumps(fits, indent=2, default=float) + "\n")
+    for c in checks:
+        s = c.summary()
+        print(f"[law_figures] {c.check} ({c.y_col}): median |error| {s['median_abs_rel_error']:.1%} vs naive "
+              f"{s['naive_median_abs_rel_error']:.1%} over {s['n_predicted']} held-out points")
+    return outputs, fits
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m analysis.law_figures", description=__doc__.splitlines()[0])
+    ap.add_argument("source", help="results.csv/.parquet or an output root")
+    ap.add_argument("-o", "--out", default="figures", help="output directory (default figures/)")
+    ap.add_argument("--loss", default=LOSS_COL, help=f"held-out loss column (default {LOSS_COL})")
+    ap.add_argument("--fd", default="fd", help="Frechet distance column (default fd)")
+    ap.add_argument("--n-boot", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        df = read_table(args.source)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.loss not in df.columns or not df[args.loss].notna().any():
+        print(f"[law_figures] skipped: {args.source} has no {args.loss} (runs trained without the held-out loss)")
+        return 0
+    build_laws(df, args.out, args.loss, args.fd, args.n_boot, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

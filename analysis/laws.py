@@ -1,0 +1,313 @@
+"""Laws that forecast: isoFLOP profiles and the compute-optimal size, the joint law L(N, D), FD as a function of
+loss, and held-out checks of each forecast against a naive baseline.
+
+Pure functions over the tidy results table (scaling.results) or over arrays; small dataclasses out. The compute
+envelope is `analysis.fits.bootstrap_frontier(..., floor=True)`: E + A C^-alpha over every run's curve.
+
+Model size. A DiT's cost is set by its Gflops per image, not its parameter count (the patch size changes the
+Gflops at fixed parameters: paper section 4), so the size axis N of this module is `gflops_per_img` and the data
+axis D is `img_seen`. With the project's one FLOP convention (scaling.config.make_plan)
+
+    train_flops C = gflops_per_img x 1e9 x img_seen x 3,   i.e.  C = K N D  with  K = FLOPS_PER_GFLOP_IMG = 3e9,
+
+so at a budget C a model of size N sees D = C / (K N) images.
+
+Joint law (Hoffmann et al. 2022, approach 3): L(N, D) = E + A / N^a + B / D^b, fitted as in the replication of
+Besiroglu et al. 2024: Huber loss (delta 1e-3) on log L of the log-sum-exp form, L-BFGS from a grid of starting
+points, the best kept; intervals from resampling whole runs. Its compute-optimal size (minimising L at C = K N D):
+
+    N_opt(C) = (a A / (b B))^(1 / (a + b)) (C / K)^(b / (a + b))                                    (approach 3)
+
+IsoFLOP profiles (approach 2): each run's curve is read at a budget by log-log interpolation between its own
+logged points (never extrapolated); a parabola in log N through the profile gives the budget's optimum. The
+parabola is biased where the profile is asymmetric about its minimum, which is why approach 3 is also given.
+"""
+
+import itertools
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+
+from analysis.fits import PowerLawFit, _finite, fit_power_law, resample_groups
+
+FLOPS_PER_GFLOP_IMG = 3e9   # train_flops / (gflops_per_img x img_seen): 1e9 flops per Gflop x 3 passes
+HUBER_DELTA = 1e-3          # Besiroglu et al. 2024 (as Hoffmann et al. 2022)
+
+
+def _interval(values, level: float) -> tuple[float, float]:
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0:
+        return (float("nan"), float("nan"))
+    q = (1 - level) / 2
+    return (float(np.quantile(v, q)), float(np.quantile(v, 1 - q)))
+
+
+# ----------------------------------------------------------------------------- joint law L(N, D)
+
+
+@dataclass(frozen=True)
+class JointLaw:
+    """L(N, D) = E + A / N^a + B / D^b (N in the units of the size column, D in images)."""
+    E: float
+    A: float
+    a: float
+    B: float
+    b: float
+    n: int = 0                 # points fitted
+    n_starts: int = 0          # starting points tried
+    rmse_log: float = float("nan")
+
+    def loss(self, N, D) -> np.ndarray:
+        N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
+        return self.E + np.exp(np.log(self.A) - self.a * np.log(N)) + np.exp(np.log(self.B) - self.b * np.log(D))
+
+    def n_opt(self, C) -> np.ndarray:
+        """Compute-optimal size at training compute C (FLOPs) under C = K N D (module docstring, approach 3)."""
+        C = np.asarray(C, dtype=float)
+        return (self.a * self.A / (self.b * self.B)) ** (1 / (self.a + self.b)) * \
+            (C / FLOPS_PER_GFLOP_IMG) ** (self.b / (self.a + self.b))
+
+    @property
+    def n_opt_exponent(self) -> float:
+        return self.b / (self.a + self.b)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "n_opt_exponent": self.n_opt_exponent}
+
+
+def _joint_objective(p, log_n, log_d, log_l, delta):
+    """Huber(delta) of LSE(a' - a log N, b' - b log D, e) - log L, summed, and its gradient (p = a', a, b', b, e)."""
+    terms = np.stack([p[0] - p[1] * log_n, p[2] - p[3] * log_d, np.full_like(log_n, p[4])])  # (3, n)
+    top = terms.max(axis=0)
+    expd = np.exp(terms - top)
+    total = expd.sum(axis=0)
+    r = top + np.log(total) - log_l                                                          # log-sum-exp - log L
+    small = np.abs(r) <= delta
+    value = np.where(small, 0.5 * r ** 2, delta * (np.abs(r) - 0.5 * delta)).sum()
+    w = expd / total * np.where(small, r, delta * np.sign(r))                                # softmax x dHuber/dr
+    grad = np.array([w[0].sum(), -(w[0] * log_n).sum(), w[1].sum(), -(w[1] * log_d).sum(), w[2].sum()])
+    return value, grad
+
+
+def _grid_values(inits: np.ndarray, log_n, log_d, log_l, delta) -> np.ndarray:
+    """The objective at every starting point at once, (S, 5) -> (S,)."""
+    terms = np.stack([inits[:, [0]] - inits[:, [1]] * log_n, inits[:, [2]] - inits[:, [3]] * log_d,
+                      np.repeat(inits[:, [4]], log_n.size, axis=1)])                            # (3, S, n)
+    top = terms.max(axis=0)
+    r = np.abs(top + np.log(np.exp(terms - top).sum(axis=0)) - log_l)
+    return np.where(r <= delta, 0.5 * r ** 2, delta * (r - 0.5 * delta)).sum(axis=1)
+
+
+def fit_joint_law(N, D, L, starts=None, delta: float = HUBER_DELTA, grid: int = 4, n_local: int = 12) -> JointLaw:
+    """Fit L = E + A / N^a + B / D^b (Besiroglu et al. 2024): Huber on log L, L-BFGS, best of many starts.
+
+    N and D are scaled by their geometric means inside the fit so that one grid of starts suits any units. The
+    grid holds `grid` values of each of the five parameters (4 -> 1024 starting points); all are scored at once
+    and L-BFGS runs from the `n_local` best of them and from `starts` (JointLaw objects, e.g. the full-data fit
+    when bootstrapping); the lowest objective wins. Exponents are bounded to [0, 5].
+    """
+    N, D, L = (np.asarray(v, dtype=float).ravel() for v in (N, D, L))
+    if not (N.shape == D.shape == L.shape):
+        raise ValueError(f"N, D and L differ in length: {N.size}, {D.size}, {L.size}")
+    if np.any(N <= 0) or np.any(D <= 0) or np.any(L <= 0):
+        raise ValueError("the joint law needs N > 0, D > 0 and L > 0")
+    if np.unique(N).size < 2 or np.unique(D).size < 2 or N.size < 5:
+        raise ValueError(f"the joint law needs 5+ points over 2+ sizes and 2+ data sizes; got {N.size} points, "
+                         f"{np.unique(N).size} sizes, {np.unique(D).size} data sizes")
+    n0, d0 = np.exp(np.mean(np.log(N))), np.exp(np.mean(np.log(D)))
+    log_n, log_d, log_l = np.log(N / n0), np.log(D / d0), np.log(L)
+    lmin = float(np.log(L.min()))
+    span = np.linspace(0, 1, grid)
+    inits = np.array(list(itertools.product(lmin - 4.0 + 4.0 * span, 0.05 + 1.45 * span, lmin - 4.0 + 4.0 * span,
+                                            0.05 + 1.45 * span, lmin + np.log(0.05 + 0.9 * span))))
+    if inits.shape[0] > n_local:
+        inits = inits[np.argsort(_grid_values(inits, log_n, log_d, log_l, delta), kind="stable")[:n_local]]
+    extra = [[np.log(s.A) - s.a * np.log(n0), s.a, np.log(s.B) - s.b * np.log(d0), s.b, np.log(max(s.E, 1e-12))]
+             for s in starts or ()]  # JointLaw in physical units -> the scaled parametrisation
+    bounds = [(None, None), (0.0, 5.0), (None, None), (0.0, 5.0), (None, None)]
+    best = None
+    for p0 in list(inits) + [np.array(e) for e in extra]:
+        res = minimize(_joint_objective, p0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
+                       bounds=bounds)
+        if best is None or res.fun < best.fun:
+            best = res
+    pa, a, pb, b, e = best.x
+    law = JointLaw(E=float(np.exp(e)), A=float(np.exp(pa + a * np.log(n0))), a=float(a),
+                   B=float(np.exp(pb + b * np.log(d0))), b=float(b), n=int(N.size),
+                   n_starts=int(grid ** 5 + len(extra)))
+    rmse = float(np.sqrt(np.mean((np.log(law.loss(N, D)) - log_l) ** 2)))
+    return JointLaw(**{**asdict(law), "rmse_log": rmse})
+
+
+@dataclass
+class JointLawFit:
+    law: JointLaw                    # fit on all the data
+    samples: pd.DataFrame            # E, A, a, B, b, n_opt_exponent of each bootstrap fit
+    ci: dict                         # name -> (lo, hi) percentile interval at `level`
+    level: float
+    n_boot: int
+    n_failed: int
+
+    def to_dict(self) -> dict:
+        return {"law": self.law.to_dict(), "ci": {k: list(v) for k, v in self.ci.items()}, "level": self.level,
+                "n_boot": self.n_boot, "n_failed": self.n_failed}
+
+
+def bootstrap_joint_law(df: pd.DataFrame, loss_col: str, size_col: str = "gflops_per_img",
+                        data_col: str = "img_seen", group_col: str = "run_id", n_boot: int = 200, seed: int = 0,
+                        level: float = 0.95, n_local: int = 12, boot_local: int = 2) -> JointLawFit:
+    """The joint law fitted to every logged point, with intervals from resampling whole runs (each resample
+    starts from the full-data fit and the `boot_local` best points of the grid)."""
+    d = _finite(df, size_col, data_col, loss_col)
+    d = d[d[data_col] > 0]
+    law = fit_joint_law(d[size_col], d[data_col], d[loss_col], n_local=n_local)
+    rows, failed = [], 0
+    for frame in resample_groups(d, group_col, n_boot, seed):
+        try:
+            f = fit_joint_law(frame[size_col], frame[data_col], frame[loss_col], starts=[law],
+                              n_local=boot_local)
+        except ValueError:
+            failed += 1
+            continue
+        rows.append((f.E, f.A, f.a, f.B, f.b, f.n_opt_exponent))
+    samples = pd.DataFrame(rows, columns=["E", "A", "a", "B", "b", "n_opt_exponent"])
+    ci = {k: _interval(samples[k], level) for k in samples.columns}
+    return JointLawFit(law, samples, ci, level, n_boot, failed)
+
+
+# ----------------------------------------------------------------------------- isoFLOP profiles (approach 2)
+
+
+def loss_at_budget(df: pd.DataFrame, budget: float, loss_col: str, compute_col: str = "train_flops",
+                   size_col: str = "gflops_per_img", group_col: str = "run_id") -> pd.DataFrame:
+    """One row per run whose logged points bracket `budget`: run_id, size, loss (log-log interpolation)."""
+    rows = []
+    for run, g in df.groupby(group_col, sort=True):
+        c, y = g[compute_col].to_numpy(float), g[loss_col].to_numpy(float)
+        order = np.argsort(c)
+        c, y = c[order], y[order]
+        if c.size >= 2 and c[0] <= budget <= c[-1]:
+            rows.append({group_col: run, size_col: float(g[size_col].iloc[0]),
+                         loss_col: float(np.exp(np.interp(np.log(budget), np.log(c), np.log(y))))})
+    return pd.DataFrame(rows, columns=[group_col, size_col, loss_col])
+
+
+def parabola_optimum(size, loss) -> tuple[float, bool, np.ndarray]:
+    """(size at the minimum, interior?, coefficients) of loss = c0 + c1 x + c2 x^2 with x = log size.
+
+    interior: the sweep spans the optimum (the lowest measured loss is not at the smallest or largest size), the
+    parabola opens upwards and its minimum lies strictly inside the sizes measured; otherwise the size returned
+    is the measured best (the optimum is at or beyond an edge of the sweep)."""
+    x, y = np.log(np.asarray(size, dtype=float)), np.asarray(loss, dtype=float)
+    if np.unique(x).size < 3:
+        raise ValueError(f"an isoFLOP parabola needs 3+ sizes at the budget; got {np.unique(x).size}")
+    c2, c1, c0 = np.polyfit(x, y, 2)
+    spans = x.min() < x[np.argmin(y)] < x.max()
+    if spans and c2 > 0 and x.min() < -c1 / (2 * c2) < x.max():
+        return float(np.exp(-c1 / (2 * c2))), True, np.array([c0, c1, c2])
+    return float(np.exp(x[np.argmin(y)])), False, np.array([c0, c1, c2])
+
+
+def default_budgets(df: pd.DataFrame, compute_col: str = "train_flops", group_col: str = "run_id",
+                    n: int = 5) -> np.ndarray:
+    """n budgets log-spaced strictly inside [3rd-smallest first logged compute, 3rd-largest last logged compute],
+    so that 3+ runs can reach each one (the parabola needs 3 sizes)."""
+    first = np.sort(df.groupby(group_col)[compute_col].min().to_numpy())
+    last = np.sort(df.groupby(group_col)[compute_col].max().to_numpy())
+    if first.size < 3:
+        raise ValueError(f"isoFLOP profiles need 3+ runs; got {first.size}")
+    lo, hi = first[2], last[-3]
+    if not lo < hi:
+        raise ValueError("no budget is reached by 3+ runs: the runs' compute ranges do not overlap enough")
+    return np.geomspace(lo, hi, n + 2)[1:-1]
+
+
+@dataclass
+class IsoFlop:
+    profiles: pd.DataFrame        # budget, run_id, size, loss: each run read at each budget
+    optima: pd.DataFrame          # budget, n_opt, interior, n_lo, n_hi (bootstrap), loss_opt, c0, c1, c2
+    fit: PowerLawFit | None       # N_opt = A C^-alpha (alpha < 0: N_opt grows with C), on the interior optima
+    exponent_ci: tuple            # interval of -alpha (the exponent of N_opt in C)
+    level: float
+    n_boot: int
+    size_col: str = "gflops_per_img"
+    samples: pd.DataFrame = field(default=None)  # exponent of each bootstrap resample
+
+    @property
+    def exponent(self) -> float:
+        return float(-self.fit.alpha) if self.fit else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"optima": self.optima.to_dict("records"), "n_opt_exponent": self.exponent,
+                "n_opt_exponent_ci": list(self.exponent_ci), "level": self.level, "n_boot": self.n_boot,
+                "size_col": self.size_col, "fit": self.fit.to_dict() if self.fit else None}
+
+
+def _optima(d, budgets, loss_col, compute_col, size_col, group_col) -> tuple[pd.DataFrame, pd.DataFrame]:
+    profiles, optima = [], []
+    for b in budgets:
+        p = loss_at_budget(d, b, loss_col, compute_col, size_col, group_col)
+        p.insert(0, "budget", b)
+        profiles.append(p)
+        if p[size_col].nunique() < 3:
+            continue
+        n_opt, interior, coef = parabola_optimum(p[size_col], p[loss_col])
+        loss_opt = float(np.polyval(coef[::-1], np.log(n_opt)))
+        optima.append({"budget": b, "n_opt": n_opt, "interior": interior, "loss_opt": loss_opt,
+                       "c0": coef[0], "c1": coef[1], "c2": coef[2]})
+    return pd.concat(profiles, ignore_index=True), pd.DataFrame(
+        optima, columns=["budget", "n_opt", "interior", "loss_opt", "c0", "c1", "c2"])
+
+
+def _n_opt_law(optima: pd.DataFrame) -> PowerLawFit:
+    inner = optima[optima["interior"]]
+    return fit_power_law(inner["budget"], inner["n_opt"])
+
+
+def isoflop_profiles(df: pd.DataFrame, loss_col: str, budgets=None, compute_col: str = "train_flops",
+                     size_col: str = "gflops_per_img", group_col: str = "run_id", n_boot: int = 200,
+                     seed: int = 0, level: float = 0.95) -> IsoFlop:
+    """Approach 2: per budget, loss vs size across runs, its parabola's optimum (with a bootstrap interval over
+    runs), and N_opt(C) = G C^beta fitted to the interior optima (beta with its bootstrap interval)."""
+    d = _finite(df, compute_col, size_col, loss_col)
+    d = d[d[compute_col] > 0]
+    budgets = default_budgets(d, compute_col, group_col) if budgets is None else np.asarray(budgets, dtype=float)
+    profiles, optima = _optima(d, budgets, loss_col, compute_col, size_col, group_col)
+    if optima.empty:
+        raise ValueError("no budget has 3+ sizes whose curves reach it; no isoFLOP optimum")
+    fit = _n_opt_law(optima) if optima["interior"].sum() >= 2 else None
+    per_budget = {b: [] for b in optima["budget"]}
+    exps = []
+    for frame in resample_groups(d, group_col, n_boot, seed):
+        try:
+            _, opt = _optima(frame, optima["budget"], loss_col, compute_col, size_col, group_col)
+        except ValueError:
+            continue
+        for b, n in zip(opt["budget"], opt["n_opt"]):
+            per_budget[b].append(n)
+        if fit is not None and opt["interior"].sum() >= 2:
+            try:
+                exps.append(-_n_opt_law(opt).alpha)
+            except ValueError:
+                pass
+    bands = [_interval(per_budget[b], level) for b in optima["budget"]]
+    optima["n_lo"], optima["n_hi"] = [lo for lo, _ in bands], [hi for _, hi in bands]
+    return IsoFlop(profiles, optima, fit, _interval(exps, level), level, n_boot, size_col,
+                   pd.DataFrame({"exponent": exps}))
+
+
+# ----------------------------------------------------------------------------- FD as a function of loss
+
+
+def fit_fd_vs_loss(df: pd.DataFrame, loss_col: str, fd_col: str = "fd") -> PowerLawFit:
+    """FD = A L^k (a line in log-log; k = -alpha of the fit), Huber, on the rows given.
+
+    Fit it only on runs a forecast may see. One FD sample size and feature space: mixing FD-500 and FD-1K (whose
+    bias differs) raises."""
+    d = _finite(df, loss_col, fd_col)
+    if "metric_name" in d.columns and d["metric_name"].nunique() > 1:
+        raise ValueError(f"FD vs loss mixes metrics {sorted(d['metric_name'].unique())}; select one metric_name")
+    return fit_power_law(d[loss_col], d[fd_col])

@@ -1,0 +1,42 @@
+"""Compute budgets as horizons (train.budget_flops) and the isoFLOP sweep's plan."""
+
+import pytest
+
+from helpers import run_launch
+from scaling.config import budget_steps, config_from_overrides, make_plan, run_id, validate
+
+
+@pytest.mark.parametrize("model,patch", [("laptop_s", 4), ("laptop_xl", 2)])
+def test_budget_sets_steps_by_the_flop_convention(model, patch):
+    cfg = config_from_overrides([f"model={model}", f"patch={patch}", "train.budget_flops=1e12"])
+    plan = make_plan(cfg)  # fvcore Gflops, as a training run writes plan.json
+    assert cfg.train.steps == budget_steps(cfg) == plan["steps"]
+    # steps come from the closed-form Gflops (within 0.5% of fvcore's), rounded to a whole step
+    one_step = plan["gflops_per_img"] * 1e9 * plan["batch_img"] * 3
+    assert abs(plan["train_flops"] - 1e12) <= 0.5 * one_step + 0.005 * 1e12
+    assert plan["budget_flops"] == 1e12
+    assert run_id(cfg) == run_id(config_from_overrides([f"model={model}", f"patch={patch}"]))  # a horizon
+
+
+def test_no_budget_keeps_steps_and_a_negative_one_fails():
+    cfg = config_from_overrides(["model=laptop_b", "patch=4", "train.steps=123"])
+    assert cfg.train.steps == 123 and make_plan(cfg, count="closed_form")["budget_flops"] is None
+    cfg = config_from_overrides(["model=laptop_b", "patch=4", "train.budget_flops=-1"])
+    with pytest.raises(ValueError, match="train.budget_flops=-1.0 must be >= 0"):
+        validate(cfg)
+
+
+def test_isoflop_sweep_plan(tmp_path):
+    r = run_launch("--config-dir", "sweeps", "--config-name", "laptop_isoflop", "-m", "dry_run=true",
+                   f"output_root={tmp_path}")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "24 points, 8 runs" in lines[-1]
+    rows = [ln.split() for ln in lines[1:-1]]
+    budgets = {b: set() for b in (3e11, 1e12, 3e12)}
+    for row in rows:
+        flops = float(row[-3])
+        b = min(budgets, key=lambda b: abs(flops / b - 1))
+        assert abs(flops / b - 1) < 0.035  # rounding to whole steps: 15 steps of laptop-XL/2 at 3e11
+        budgets[b].add(row[0])
+    assert all(len(v) == 8 for v in budgets.values())  # every size at every budget

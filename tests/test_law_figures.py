@@ -1,0 +1,96 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.figures import NoData
+from analysis.figures import main as figures_main
+from analysis.forecasts import forecast_curve_end
+from analysis.law_figures import (build_laws, compute_envelope, fd_vs_loss, isoflop_figure, loss_curves, main,
+                                  predicted_vs_measured)
+from fakes import loss_table
+from helpers import drawn_legend_texts
+
+NAMES = ["loss_curves", "loss_envelope", "isoflop_profiles", "n_opt_vs_compute", "predicted_vs_measured",
+         "fd_vs_loss"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("laws")
+    outputs, fits = build_laws(loss_table(seed=5, steps=tuple(range(100, 1201, 100))), out_dir, n_boot=10)
+    return out_dir, {o.name: o for o in outputs}, fits
+
+
+def test_every_figure_is_written_with_the_data_it_plots(built):
+    out_dir, outs, fits = built
+    assert sorted(outs) == sorted(NAMES)
+    for name, out in outs.items():
+        png, pdf, csv = out.paths
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:5] == b"%PDF-"
+        back = pd.read_csv(csv, keep_default_na=False, na_values=[""])
+        pd.testing.assert_frame_equal(back, out.data.reset_index(drop=True), check_dtype=False)
+    laws = json.loads((out_dir / "laws.json").read_text())
+    assert set(laws["held_out"]) == {"forecast_largest", "forecast_fd", "forecast_curve_end"}
+    assert laws["n_opt"]["joint_law"]["law"]["n_opt_exponent"] == pytest.approx(0.45 / 0.8, abs=0.03)
+
+
+def test_every_model_is_named_in_a_drawn_legend(tmp_path):
+    """build_laws clears each figure once saved, so these are drawn again here."""
+    df = loss_table(seed=5, steps=tuple(range(100, 1201, 100)))
+    outs = {o.name: o for o in (loss_curves(df, tmp_path), compute_envelope(df, tmp_path, n_boot=10),
+                                fd_vs_loss(df, tmp_path), isoflop_figure(df, tmp_path, n_boot=10),
+                                predicted_vs_measured([forecast_curve_end(df, "val_mse_ema")], tmp_path))}
+    for name in ("loss_curves", "loss_envelope", "fd_vs_loss"):
+        out = outs[name]
+        models = set(out.data.loc[out.data["kind"].isin(["curve", "point"]), "label"])
+        texts = " | ".join(drawn_legend_texts(out.fig))
+        assert len(models) == 12 and all(m in texts for m in models), name
+    lines = {ln.get_gid(): ln for ln in outs["loss_curves"].fig.axes[0].get_lines()}
+    for run, g in outs["loss_curves"].data.groupby("run_id"):
+        np.testing.assert_allclose(lines[run].get_ydata(), g["val_mse_ema"])
+    iso = outs["isoflop_profiles"]
+    texts = drawn_legend_texts(iso.fig)
+    assert sum(t.startswith("C = ") for t in texts) == iso.data["budget"].nunique()
+    assert "law" in drawn_legend_texts(outs["predicted_vs_measured"].fig)
+
+
+def test_csvs_hold_the_minima_and_every_check(built):
+    _, outs, _ = built
+    iso = outs["isoflop_profiles"]
+    assert len(iso.data[iso.data["kind"] == "optimum"]) >= 3  # interior minima on the synthetic grid
+    pv = outs["predicted_vs_measured"].data
+    assert set(pv["check"]) == {"forecast_largest", "forecast_fd", "forecast_curve_end"}
+
+
+def test_a_short_study_skips_what_it_cannot_fit(tmp_path, capsys):
+    outputs, fits = build_laws(loss_table(steps=(4,), eval_every=4), tmp_path, n_boot=5)  # one point per run
+    assert "loss_curves" in {o.name for o in outputs}
+    assert fits["skipped_figures"] and fits["skipped_checks"]  # each with its reason, none raised
+    assert "[law_figures] skipped" in capsys.readouterr().out
+
+
+def test_no_loss_column_is_no_data(tmp_path):
+    df = loss_table(steps=(300, 600)).drop(columns=["val_mse_ema"])
+    with pytest.raises(NoData, match="no 'val_mse_ema' column"):
+        loss_curves(df, tmp_path)
+    with pytest.raises(NoData, match="no evaluated checkpoint has both"):
+        fd_vs_loss(loss_table(steps=(100, 200)), tmp_path)
+
+
+@pytest.mark.slow
+def test_cli(tmp_path, capsys):
+    loss_table(seed=6, steps=tuple(range(200, 1201, 200)), eval_every=600).to_csv(tmp_path / "results.csv",
+                                                                                   index=False)
+    assert main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "figs"), "--n-boot", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "forecast_largest (val_mse_ema): median |error|" in printed
+    # `launch ... analyze=true` runs the paper figures' CLI, then this one, into one folder
+    assert figures_main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "all"), "--n-boot", "10"]) == 0
+    assert main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "all"), "--n-boot", "10"]) == 0
+    assert {"fig8_fid_vs_gflops.png", "isoflop_profiles.png", "laws.json"} <= {p.name for p in
+                                                                             (tmp_path / "all").iterdir()}
+    laws = json.loads((tmp_path / "figs" / "laws.json").read_text())
+    # 3 points in the first half of each curve: too few for a curve with a floor, so that check says why
+    assert "no run has 4+ points of val_mse_ema" in laws["skipped_checks"]["forecast_curve_end"]

@@ -1,0 +1,142 @@
+"""The forecasting laws on synthetic data with known exponents (tests/fakes.py: LOSS_LAW, FD_LAW).
+
+Coverage and interval widths: test_interval_coverage_over_seeds (slow; 20 seeds, 100 bootstrap resamples of
+runs, 95% intervals, 12 models x 24 logged points, lognormal noise 0.5% on the loss).
+"""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.fits import bootstrap_frontier, fit_frontier
+from analysis.laws import (FLOPS_PER_GFLOP_IMG, JointLaw, bootstrap_joint_law, default_budgets, fit_fd_vs_loss,
+                           fit_joint_law, isoflop_profiles, loss_at_budget, parabola_optimum)
+from fakes import FD_LAW, LOSS_LAW, loss_table
+
+TRUE = JointLaw(**LOSS_LAW)
+
+
+def test_joint_law_recovers_an_exact_law():
+    df = loss_table(sigma=0.0)
+    j = fit_joint_law(df["gflops_per_img"], df["img_seen"], df["val_mse_ema"])
+    for k in ("E", "A", "a", "B", "b"):
+        assert getattr(j, k) == pytest.approx(LOSS_LAW[k], rel=2e-3), k
+    assert j.rmse_log < 1e-4 and j.n == len(df) and j.n_starts == 4 ** 5
+    np.testing.assert_allclose(j.loss(df["gflops_per_img"], df["img_seen"]), df["val_mse_ema"], rtol=1e-4)
+
+
+def test_joint_law_is_robust_to_broken_points():
+    df = loss_table(sigma=0.002, seed=3)
+    broken = df.sample(6, random_state=0).index
+    df.loc[broken, "val_mse_ema"] *= 3.0  # six diverged evaluations out of 288
+    j = fit_joint_law(df["gflops_per_img"], df["img_seen"], df["val_mse_ema"])
+    assert j.a == pytest.approx(LOSS_LAW["a"], abs=0.02) and j.b == pytest.approx(LOSS_LAW["b"], abs=0.02)
+    with pytest.raises(ValueError, match="2\\+ sizes"):
+        fit_joint_law([1, 1, 1, 1, 1], [1, 2, 3, 4, 5], [1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="L > 0"):
+        fit_joint_law([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [1, 1, 0, 1, 1])
+
+
+def test_n_opt_of_the_joint_law_minimises_the_loss_at_fixed_compute():
+    for c in (1e10, 1e12, 1e14):
+        n = np.geomspace(1e-5, 10, 20001)
+        loss = TRUE.loss(n, c / (FLOPS_PER_GFLOP_IMG * n))
+        assert TRUE.n_opt(c) == pytest.approx(n[np.argmin(loss)], rel=2e-3)
+    assert TRUE.n_opt_exponent == pytest.approx(0.45 / 0.8)
+
+
+def test_parabola_optimum_and_edges():
+    x = np.geomspace(1, 100, 7)
+    n, interior, _ = parabola_optimum(x, 1 + (np.log(x) - np.log(10)) ** 2)
+    assert interior and n == pytest.approx(10)
+    n, interior, _ = parabola_optimum(x, 1 / x)  # falls all the way: the optimum is beyond the largest size
+    assert not interior and n == pytest.approx(100)
+    with pytest.raises(ValueError, match="3\\+ sizes"):
+        parabola_optimum([1, 2, 2], [3, 2, 1])
+
+
+def test_loss_at_budget_interpolates_and_never_extrapolates():
+    df = pd.DataFrame({"run_id": ["a", "a", "b", "b"], "train_flops": [1.0, 100.0, 50.0, 200.0],
+                       "gflops_per_img": [1, 1, 2, 2], "loss": [10.0, 1.0, 4.0, 2.0]})
+    at = loss_at_budget(df, 10.0, "loss")
+    assert at["run_id"].tolist() == ["a"] and at["loss"].iloc[0] == pytest.approx(10 ** 0.5)  # log-log midpoint
+    assert loss_at_budget(df, 300.0, "loss").empty
+
+
+def test_isoflop_optima_follow_the_law():
+    df = loss_table(sigma=0.0, steps=tuple(range(25, 2401, 25)))
+    iso = isoflop_profiles(df, "val_mse_ema", n_boot=20)
+    inner = iso.optima[iso.optima["interior"]]
+    assert len(inner) >= 3
+    # the parabola through a discrete grid is biased (module docstring): within 40% of the true optimum size
+    np.testing.assert_allclose(inner["n_opt"], TRUE.n_opt(inner["budget"]), rtol=0.4)
+    assert iso.exponent == pytest.approx(TRUE.n_opt_exponent, abs=0.1)
+    assert (inner["n_lo"] <= inner["n_opt"] + 1e-12).all() and (inner["n_opt"] <= inner["n_hi"] + 1e-12).all()
+    b = default_budgets(df)
+    assert len(b) == 5 and all(len(loss_at_budget(df, x, "val_mse_ema")) >= 3 for x in b)
+
+
+def test_fd_vs_loss_recovers_its_law_and_refuses_mixed_metrics():
+    df = loss_table(fd_sigma=0.0)
+    law = fit_fd_vs_loss(df, "val_mse_ema", "fd")
+    assert -law.alpha == pytest.approx(FD_LAW["k"], rel=1e-6) and law.A == pytest.approx(FD_LAW["F"], rel=1e-4)
+    mixed = df.copy()
+    evaluated = mixed.index[mixed["fd"].notna()]
+    mixed.loc[evaluated[::2], "metric_name"] = "fd1k_domain"
+    with pytest.raises(ValueError, match="mixes metrics"):
+        fit_fd_vs_loss(mixed, "val_mse_ema", "fd")
+
+
+def _touching_runs(seed: int, sigma: float) -> pd.DataFrame:
+    """10 runs whose curves touch the envelope L = 0.05 + 40 C^-0.2 once each, lognormal noise `sigma`."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, c_touch in enumerate(np.geomspace(1e10, 1e14, 10)):
+        for c in c_touch * np.geomspace(0.1 if i else 1.0, 10 if i < 9 else 1.0, 15):
+            above = 1 + 0.3 * np.log10(c / c_touch) ** 2
+            rows.append({"run_id": f"r{i}", "train_flops": c,
+                         "loss": (0.05 + 40 * c ** -0.2 * above) * np.exp(rng.normal(0, sigma))})
+    return pd.DataFrame(rows)
+
+
+def test_envelope_fit_with_floor_on_an_exact_envelope():
+    """Approach 1 on curves that touch E + A C^-alpha once each: the frontier fit with floor recovers it.
+
+    The first run starts and the last run ends at its touch point: before the smallest model's touch and after
+    the largest's, the running minimum is one run's own curve, above the law (on a real grid, leave out the
+    compute below the smallest model's optimum and beyond the largest's, or the floor comes out too high)."""
+    df = _touching_runs(0, 0.002)
+    exact = fit_frontier(df.assign(loss=0.05 + 40 * df["train_flops"] ** -0.2), metric_col="loss", floor=True)
+    assert exact.alpha == pytest.approx(0.2, rel=1e-3) and exact.E == pytest.approx(0.05, rel=1e-3)
+    boot = bootstrap_frontier(df, metric_col="loss", floor=True, n_boot=100)
+    lo, hi = boot.ci["alpha"]
+    assert lo <= 0.2 <= hi and hi - lo < 0.1
+
+
+@pytest.mark.slow
+def test_interval_coverage_over_seeds():
+    """95% intervals of the joint law's exponents and N_opt exponent (approach 3) and of approach 2's N_opt
+    exponent cover the truth in >= 90% of 20 seeds; the envelope's (approach 1) in 80%. Median widths below."""
+    truth = {"a": LOSS_LAW["a"], "b": LOSS_LAW["b"], "E": LOSS_LAW["E"], "n_opt_exponent": TRUE.n_opt_exponent,
+             "isoflop": TRUE.n_opt_exponent, "envelope": 0.2}
+    cover, widths = {k: 0 for k in truth}, {k: [] for k in truth}
+    for seed in range(20):
+        df = loss_table(seed=100 + seed)
+        j = bootstrap_joint_law(df, "val_mse_ema", n_boot=100, seed=seed)
+        ci = {k: j.ci[k] for k in ("a", "b", "E", "n_opt_exponent")}
+        ci["isoflop"] = isoflop_profiles(df, "val_mse_ema", n_boot=100, seed=seed).exponent_ci
+        ci["envelope"] = bootstrap_frontier(_touching_runs(seed, 0.005), metric_col="loss", floor=True,
+                                            n_boot=100, seed=seed).ci["alpha"]
+        for k, (lo, hi) in ci.items():
+            cover[k] += lo <= truth[k] <= hi
+            widths[k].append(hi - lo)
+    report = {k: (cover[k], round(float(np.median(widths[k])), 4)) for k in truth}
+    print("coverage of 20 seeds, median 95% interval width:", report)
+    # measured: a 20/20 (width 0.011), b 19/20 (0.021), E 20/20 (0.0029), N_opt exponent 19/20 (0.015),
+    # isoFLOP N_opt exponent 19/20 (0.29), envelope exponent 16/20 (0.085)
+    assert all(report[k][0] >= 18 for k in ("a", "b", "E", "n_opt_exponent", "isoflop")), report
+    # The envelope under-covers: the running minimum of noisy points keeps the ones that fell low by chance, a
+    # bias that resampling runs does not see (and, with curves that are not tangent everywhere, the scallops
+    # between touch points bias it too). Read its interval as too narrow by about that much.
+    assert report["envelope"][0] >= 15, report
+    assert report["n_opt_exponent"][1] < 0.05 and report["isoflop"][1] < 0.35, report
