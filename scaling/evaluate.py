@@ -37,7 +37,7 @@ from scaling.config import (BACKENDS, DEFAULT_NUM_REF, PRC_NEIGHBOURHOOD, SAMPLE
 from scaling.data import (DATASETS, DataConfig, build_dataset, decode_latents, load_vae, read_latent_meta,
                           strided_subset)
 from scaling.diffusion import Diffusion, sample
-from scaling.rundir import RunDir, append_jsonl, read_jsonl
+from scaling.rundir import RunDir, append_jsonl, read_jsonl, temp_tag
 
 LABEL_SAMPLING = ("balanced", "uniform")        # class labels of the samples (sample_to_npz)
 SAMPLING_PRECISIONS = ("fp32", "tf32", "bf16")  # the model forward while sampling (sample_to_npz)
@@ -86,7 +86,7 @@ def _dist():
 
 
 def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{temp_tag()}.tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
     os.replace(tmp, path)
@@ -97,7 +97,7 @@ def concat_npz(path: Path, shards: list, keys: tuple) -> None:
     streaming one shard at a time: 50K images at 512 px are 39 GB, more than a node's memory twice over."""
     import zipfile
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{temp_tag()}.tmp")
     with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for key in keys:
             heads = []

@@ -4,6 +4,7 @@ running one point (training, then the evals that are due) as a job does.
     scaling.launch (the command) -> scaling.jobs (one point) <- scaling.slurm (the same points as SLURM jobs)
 """
 
+import errno
 import os
 import sys
 from dataclasses import dataclass
@@ -88,7 +89,10 @@ def mark_failed(run: RunDir, error: BaseException) -> None:
     holder, _ = read_lease(run)
     if holder and lease_is_live(run) and holder.get("pid") != os.getpid():
         return
-    write_status(run, "failed", status["step"], error=f"{type(error).__name__}: {error}")
+    try:
+        write_status(run, "failed", status["step"], error=f"{type(error).__name__}: {error}")
+    except OSError as e:  # e.g. the disk that failed the job is still full: the job's own error is what counts
+        print(f"[launch] could not write {run.status}: {e}", file=sys.stderr, flush=True)
 
 
 def evaluate_missing(cfg: RunConfig) -> int:
@@ -142,6 +146,15 @@ def run_single(point: Point) -> int:
     except (DiskFull, FloatingPointError, LeaseLost) as e:
         print(f"error: {point.run_id}: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILED
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {point.run_id}: no space left on the device of {e.filename or run_dir_for(point.cfg).path} "
+              f"({e.strerror}); the checkpoints already written are intact", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"[launch] {point.run_id}: interrupted (its status says where it stopped)", flush=True)
+        return 130
     print(f"[launch] {status['run_id']}: {status['state']}", flush=True)
     return 0 if status["state"] == "done" else EXIT_FAILED if status["state"] == "failed" else EXIT_UNFINISHED
 

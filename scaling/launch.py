@@ -184,7 +184,8 @@ class Composer:
 
     def point(self, overrides: list[str], fast: bool = True):
         parsed = self.parser.parse_overrides(list(overrides))
-        values = [o for o in parsed if fast and self.is_value(o)]
+        structural = {o.key_or_group for o in parsed if not self.is_value(o)}  # train.lr=1 ++train.lr=2: Hydra's
+        values = [o for o in parsed if fast and self.is_value(o) and o.key_or_group not in structural]
         rest = tuple(o.input_line for o in parsed if o not in values)
         if rest not in self.composed:
             cfg = self.hydra.config_loader.load_sweep_config(self.master, list(rest))
@@ -223,12 +224,13 @@ def prepare(args: LaunchArgs):
     swept = [i for i in range(len(grid[0])) if len({tuple(point)[i] for point in grid}) > 1]
     composer = Composer(hydra, master, group_dirs(args))
     for overrides in grid:
-        cfg = composer.point(overrides)
         try:
+            cfg = composer.point(overrides)
             validate(cfg)
         except ValueError as e:
             where = " ".join(overrides[i] for i in swept)
-            raise ValueError(f"{e} (grid point {where})" if where else str(e)) from None
+            message = one_line_error(e, overrides)
+            raise ValueError(f"{message} (grid point {where})" if where else message) from None
         points.append(Point(overrides, cfg, run_id(cfg)))
     check_placement(points, launcher, master)
     return hydra, master, launcher, local, points
@@ -429,7 +431,8 @@ def run_local(args: LaunchArgs, points: list[Point], slots: list[dict], log_dir:
     quiet = len(slots) > 1  # several jobs at once: each writes to its log file, this process prints one line each
     if quiet:
         log_dir.mkdir(parents=True, exist_ok=True)
-    previous_term = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM here: as Ctrl-C
+    previous = {s: signal.signal(s, signal.default_int_handler)  # SIGTERM or SIGUSR2 to the pool: as Ctrl-C
+                for s in (signal.SIGTERM, signal.SIGUSR2)}
     try:
         while queue or running:
             while queue and free:
@@ -453,7 +456,8 @@ def run_local(args: LaunchArgs, points: list[Point], slots: list[dict], log_dir:
                 print(progress_line([p for p, _, _ in running.values()], len(codes), len(points),
                                     t_progress - t_start), flush=True)
     except KeyboardInterrupt:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the wait short
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)  # a second SIGTERM must not cut the wait short
         print(f"[launch] interrupted: stopping {len(running)} jobs (each saves at its next step)", flush=True)
         for proc in running:
             proc.send_signal(signal.SIGTERM)
@@ -461,7 +465,8 @@ def run_local(args: LaunchArgs, points: list[Point], slots: list[dict], log_dir:
             codes[p.run_id] = proc.wait()
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     return codes
 
 
@@ -560,14 +565,12 @@ def analyze(output_root: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        # Stop signals are recorded from now on, before any slow import (scaling/signals.py): a job started by
-        # the pool or SLURM that is stopped while starting still saves and says "preempted".
+        # Stop signals are recorded from here on (under `python -m scaling.launch`, from before the imports at the
+        # top: install_early): a job of the pool or of SLURM stopped while starting still says "preempted".
         with stop_signals() as stop:
             return run(sys.argv[1:] if argv is None else list(argv), stop)
     finally:
-        if "hydra" in sys.modules:
-
-            GlobalHydra.instance().clear()  # leave no Hydra state behind in a process that calls main()
+        GlobalHydra.instance().clear()  # leave no Hydra state behind in a process that calls main()
 
 
 def run(argv: list[str], stop=None) -> int:

@@ -16,6 +16,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -58,14 +59,6 @@ class RunDir:
         return self
 
 
-def runs_under(output_root) -> list[RunDir]:
-    """Every run directory under `output_root/runs/` (those with a plan.json), sorted by run_id."""
-    root = Path(output_root) / "runs"
-    if not root.is_dir():
-        return []
-    return [RunDir(p) for p in sorted(root.iterdir()) if (p / "plan.json").is_file()]
-
-
 # ----------------------------------------------------------------------------- files
 
 
@@ -98,15 +91,18 @@ def write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def load_json(path) -> tuple[object, str | None]:
+def load_json(path, strict: bool = False) -> tuple[object, str | None]:
     """(content, problem): content None when the file is missing or unreadable; problem names the file and what
-    is wrong with it when it exists but does not parse."""
+    is wrong with it when it exists but does not parse. `strict`: an I/O error (EIO, ESTALE, EACCES) is raised
+    rather than reported, for readers that must not mistake a failed read for garbage (the lease)."""
     try:
         with open(path, "rb") as f:
             return json.loads(f.read().decode("utf-8")), None
     except FileNotFoundError:
         return None, None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if strict and isinstance(e, OSError):
+            raise
         return None, f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'empty'})"
 
 
@@ -213,12 +209,12 @@ def clean_temporary(run: "RunDir", stale_s: float = LEASE_STALE_S) -> list[Path]
     for p in run.checkpoints.glob(".tmp_*") if run.checkpoints.is_dir() else []:
         if not p.name.startswith(f".tmp_{temp_tag()}_"):
             removed.append(p)
+    mine = re.compile(rf"\.{re.escape(HOST)}-(\d+)[._]")  # a writer of this host (hostnames may hold dots)
     for folder in (run.path, run.samples):
         for p in folder.glob(".*.tmp") if folder.is_dir() else []:
-            writer = next((part for part in reversed(p.name.split(".")) if "-" in part), "")
-            host, _, pid = writer.rpartition("-")
+            m = mine.search(p.name)
             try:
-                dead_here = host == HOST and pid.isdigit() and not _pid_alive(int(pid))
+                dead_here = m is not None and not _pid_alive(int(m.group(1)))
                 if dead_here or now - p.stat().st_mtime > stale_s:
                     removed.append(p)
             except FileNotFoundError:
@@ -303,10 +299,20 @@ def process_start(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
             start = f.read().rsplit(")", 1)[1].split()[19]
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f"{f.read().strip()}:{start}"
     except (OSError, IndexError):
         return None
+    return f"{BOOT_ID}:{start}" if BOOT_ID else None
+
+
+def _boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+BOOT_ID = _boot_id()
 
 
 def lease_is_stale(info, stale_s: float = LEASE_STALE_S) -> bool:
@@ -318,18 +324,20 @@ def lease_is_stale(info, stale_s: float = LEASE_STALE_S) -> bool:
     """
     if not isinstance(info, dict) or not isinstance(info.get("pid"), int):
         return True
-    if info.get("host") == HOST:
+    start = info.get("start")
+    same_boot = not isinstance(start, str) or start.split(":")[0] == BOOT_ID or BOOT_ID is None
+    if info.get("host") == HOST and same_boot:  # containers or nodes sharing a hostname differ in their boot id
         if not _pid_alive(info["pid"]):
             return True
-        start = info.get("start")
         return start is not None and process_start(info["pid"]) not in (None, start)
     heartbeat = info.get("heartbeat")
     return not isinstance(heartbeat, (int, float)) or time.time() - heartbeat > stale_s
 
 
-def read_lease(run: RunDir) -> tuple[dict | None, str | None]:
-    """(lock.json content or None, a problem naming the file when it exists but is not a lease)."""
-    obj, problem = load_json(run.lock)
+def read_lease(run: RunDir, strict: bool = False) -> tuple[dict | None, str | None]:
+    """(lock.json content or None, a problem naming the file when it exists but is not a lease). `strict`: an
+    I/O error is raised, never taken for a missing or garbage lease (the lease's own reads)."""
+    obj, problem = load_json(run.lock, strict=strict)
     if problem is None and obj is not None and not (isinstance(obj, dict) and isinstance(obj.get("pid"), int)):
         problem = f"{run.lock}: not a lease ({json.dumps(obj)[:60]})"
     return (obj if problem is None else None), problem
@@ -343,12 +351,26 @@ def lease_is_live(run: RunDir, stale_s: float = LEASE_STALE_S) -> bool:
 _NO_FLOCK_WARNED = []
 
 
+_THREAD_GUARDS: dict[str, threading.Lock] = {}
+_THREAD_GUARDS_LOCK = threading.Lock()
+
+
 @contextmanager
 def _guarded(run: RunDir, timeout_s: float = 60.0):
     """Hold an exclusive POSIX record lock (fcntl) on `lock.guard` for a read-check-write of the lease.
 
     POSIX locks are what NFS (through its lock manager) and Lustre (mounted with `flock`) offer between hosts;
-    on a filesystem without them the lease falls back to unguarded writes, with a warning."""
+    on a filesystem without them the lease falls back to unguarded writes, with a warning. A mount that keeps
+    locks per node (NFS `nolock`, Lustre `localflock`) cannot be told apart from here: it separates the
+    processes of one node only. POSIX locks belong to a process, so threads of one process are kept apart by a
+    lock of their own."""
+    with _THREAD_GUARDS_LOCK:
+        thread_guard = _THREAD_GUARDS.setdefault(str(run.guard), threading.Lock())
+    with thread_guard:
+        yield from _locked_guard(run, timeout_s)
+
+
+def _locked_guard(run: RunDir, timeout_s: float):
     fd = os.open(run.guard, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + timeout_s
@@ -397,7 +419,10 @@ class Lease:
     def acquire(self) -> "Lease":
         self.run.path.mkdir(parents=True, exist_ok=True)
         with self._mutex, _guarded(self.run):
-            current, problem = read_lease(self.run)
+            try:
+                current, problem = read_lease(self.run, strict=True)
+            except OSError as e:  # a failed read is not a stale lease: do not take it over
+                raise RunLocked(f"cannot read the lease {self.run.lock} ({e.strerror}); not starting") from None
             if current is not None and not lease_is_stale(current, self.stale_s):
                 raise RunLocked(f"run {self.run.run_id} is being trained by pid {current.get('pid')} on "
                                 f"{current.get('host')} (lease {self.run.lock}); not starting a second copy")
@@ -412,10 +437,18 @@ class Lease:
         return self
 
     def holder(self) -> dict | None:
-        return read_lease(self.run)[0]
+        """lock.json's lease; an I/O error is raised (a failed read says nothing about who holds it)."""
+        return read_lease(self.run, strict=True)[0]
+
+    def owns(self) -> bool:
+        try:
+            current = self.holder()
+        except OSError:
+            return not self.lost  # unknown: trust what the last successful read said
+        return bool(current) and current.get("token") == self.info["token"] and not self.lost
 
     def check(self) -> None:
-        """Raise LeaseLost unless lock.json still holds this lease."""
+        """Raise LeaseLost unless lock.json still holds this lease (an I/O error is raised as it is)."""
         current = self.holder()
         if self.lost or not current or current.get("token") != self.info["token"]:
             self.lost = True
@@ -463,14 +496,29 @@ class Lease:
             self._thread = None
         self.step = None
 
+    def write_final_status(self, state: str, step: int, **extra) -> bool:
+        """Stop the heartbeat, then write a final status.json if this process still holds the lease (a holder that
+        lost it must not overwrite the new holder's status); whether it was written."""
+        self.stop_heartbeat()
+        with self._mutex, _guarded(self.run):
+            if not self.owns():
+                warn(f"{self.run.status}: not written ({state}): this process no longer holds {self.run.lock}")
+                return False
+            write_status(self.run, state, step, **extra)
+            return True
+
     def release(self) -> None:
+        """Give the lease back (never raising: a failed release must not hide how the run ended; a lease left
+        behind is stale once this process is gone)."""
         self.stop_heartbeat()
         if self.info is None:
             return
-        with self._mutex, _guarded(self.run):
-            current = self.holder()
-            if current and current.get("token") == self.info["token"]:
-                self.run.lock.unlink()
+        try:
+            with self._mutex, _guarded(self.run):
+                if self.owns():
+                    self.run.lock.unlink()
+        except (OSError, RunLocked) as e:
+            warn(f"could not release {self.run.lock}: {e}")
 
     @contextmanager
     def hold(self):

@@ -24,8 +24,8 @@ class StopSignals:
         self.previous: dict[int, object] = {}
 
     def _record(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt  # Ctrl-C twice: stop now, without waiting for the step to end
+        if signum == signal.SIGINT and self.signal is not None:
+            raise KeyboardInterrupt  # Ctrl-C after any stop signal: stop now, without waiting for the step to end
         if self.signal is None:
             self.signal = signum
 

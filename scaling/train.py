@@ -207,10 +207,12 @@ def last_checkpoint_note(run: RunDir, before: int) -> str:
 
 
 def final_status(run: RunDir, lease: Lease | None, state: str, step: int, **extra) -> None:
-    """A status that no heartbeat may overwrite: the beat stops first."""
-    if lease is not None:
-        lease.stop_heartbeat()
-    write_status(run, state, step, **extra)
+    """A status that no heartbeat may overwrite (the beat stops first), written only while this process holds
+    the run's lease."""
+    if lease is None:
+        write_status(run, state, step, **extra)
+    else:
+        lease.write_final_status(state, step, **extra)
 
 
 def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int, device: torch.device,
@@ -241,10 +243,10 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
     tracker = Tracker(cfg.wandb, run.run_id, cfg.sweep, run.path, config_to_dict(cfg), plan, rank)
 
     def checkpoint_and_eval(step, img_seen, evals: bool):
+        if bad := non_finite({"model": model.state_dict(), "ema": ema.state_dict()}):  # every rank: all stop
+            raise FloatingPointError(f"{len(bad)} non-finite weights at step {step} (first {bad[0]}); not saved; "
+                                     f"{last_checkpoint_note(run, step)}")
         if rank == 0:
-            if bad := non_finite({"model": model.state_dict(), "ema": ema.state_dict()}):
-                raise FloatingPointError(f"{len(bad)} non-finite weights at step {step} (first {bad[0]}); not saved; "
-                                         f"{last_checkpoint_note(run, step)}")
             lease.check()  # a holder that lost its lease (suspended past the limit) must not write
             save_checkpoint(run, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                   "step": step, "img_seen": img_seen, "rng": rng_state(),
@@ -282,6 +284,10 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
                dynamic_ncols=True)
     model.train()
     t_log, steps_since_log, loss_sum, start_step = time.perf_counter(), 0, 0.0, step
+    if world > 1:  # a signal while starting reached some ranks only: all decide together
+        flag = torch.tensor([stop.signal or 0], device=device)
+        torch_dist.all_reduce(flag, op=torch_dist.ReduceOp.MAX)
+        stop.signal = int(flag.item()) or None
     try:
         if stop.signal is None:  # a signal while the job was starting: stop before the first step
             for batch in loader:
@@ -324,6 +330,7 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
                             row["mfu"] = 3 * 2 * plan["gflops_per_img"] * 1e9 * img_per_s / (peak * world)
                     if rank == 0:
                         row.update(heldout.log_row(step, ema, model))  # val_* columns (scaling/valloss.py)
+                        lease.check()  # a holder that lost its lease adds no row to the new holder's file
                         append_jsonl(run.metrics, row)
                         tracker.log(row)
                         eta_s = (tc.steps - step) * dt / steps_since_log
@@ -364,7 +371,12 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
             raise  # submitit's requeue handler exits the job after our checkpoint: preempted, not failed
         if rank == 0 and not isinstance(e, LeaseLost):  # a lost lease: the run's files are another's now
             try:
-                final_status(run, lease, "failed", step, error=f"{type(e).__name__}: {e}")
+                if isinstance(e, KeyboardInterrupt):  # Ctrl-C twice: nothing saved since the last checkpoint
+                    saved = [s for s in list_steps(run) if s <= step]
+                    final_status(run, lease, "preempted", saved[-1] if saved else 0,
+                                 error=f"interrupted at step {step} before saving it")
+                else:
+                    final_status(run, lease, "failed", step, error=f"{type(e).__name__}: {e}")
             except OSError as write_error:  # e.g. the disk is still full: the lease goes, the run reads as stale
                 print(f"[train] could not write {run.status}: {write_error}", file=sys.stderr, flush=True)
         raise

@@ -581,8 +581,10 @@ def test_checks_that_depend_on_where_the_jobs_run(tmp_path, capsys, monkeypatch)
 @pytest.mark.parametrize("argv", [["--config-name", "paper", "-m"], ["--config-name", "sampling", "-m"],
                                   ["--config-name", "laptop", "-m", "+train.extra=1"],
                                   ["--config-name", "laptop_blocks", "-m"],
-                                  ["-m", "model=laptop_s,dit_b", "patch=2,8", "train.lr=3e-4", "data.flip=false"]],
-                         ids=["paper", "sampling", "laptop+append", "laptop_blocks", "command-line grid"])
+                                  ["-m", "model=laptop_s,dit_b", "patch=2,8", "train.lr=3e-4", "data.flip=false"],
+                                  ["-m", "patch=2,8", "train.lr=0.1", "++train.lr=0.2"]],
+                         ids=["paper", "sampling", "laptop+append", "laptop_blocks", "command-line grid",
+                              "a key set twice"])
 def test_composing_once_per_group_choice_gives_the_configs_of_full_composition(argv):
     args = parse_args(argv)
     hydra = launch.make_hydra(args)

@@ -4,6 +4,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -14,9 +15,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_a_wheel_runs_the_paper_dry_run_and_a_laptop_step_outside_the_repository(tmp_path):
+    # sdist first, then the wheel from the unpacked sdist: what an install from a source archive does
+    subprocess.run([sys.executable, "-c", f"from setuptools import build_meta; build_meta.build_sdist({str(tmp_path)!r})"],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    (sdist,) = tmp_path.glob("dit_scaling-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(tmp_path / "src", filter="data")
+    (source,) = (tmp_path / "src").iterdir()
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, "-w", str(tmp_path / "dist"),
-                    str(ROOT)], check=True, capture_output=True, timeout=600)
+                    str(source)], check=True, capture_output=True, timeout=600)
     (wheel,) = (tmp_path / "dist").glob("dit_scaling-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"scaling/conf/config.yaml", "scaling/conf/model/dit_xl.yaml", "scaling/sweeps/laptop.yaml",

@@ -452,3 +452,14 @@ def test_a_signal_to_the_whole_job_with_wandb_offline_preempts_and_never_fails(t
     assert status["state"] == "preempted" and list_steps(run) == [status["step"]], out
     assert rc == 3, out
     assert any((run.path / "wandb").glob("offline-run-*")), "wandb wrote its offline run"
+
+
+def test_a_stop_signal_is_recorded_and_ctrl_c_after_it_interrupts_at_once():
+    from scaling.signals import stop_signals
+
+    with stop_signals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signal == signal.SIGTERM and stop.requeue_handler() is None  # no handler before ours here
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
