@@ -8,6 +8,7 @@ import torch
 
 from helpers import randomize_
 from scaling import data as data_module
+from scaling import valloss
 from scaling.checkpoint import checkpoint_path, load_checkpoint
 from scaling.config import build_model_for, config_from_overrides, make_plan, run_dir_for, run_id
 from scaling.diffusion import Diffusion, DiffusionConfig
@@ -137,7 +138,7 @@ def test_training_logs_the_held_out_loss_and_never_reads_held_out_images(tmp_pat
                 return ds[i]
         return Recorded()
 
-    monkeypatch.setattr(data_module, "build_dataset", recording)
+    monkeypatch.setattr(valloss, "build_dataset", recording)  # the module that builds the split
     cfg = config_from_overrides(tiny(tmp_path))
     assert train(cfg)["state"] == "done"
     _, held = split_indices(10_000, cfg.val)  # drawn from all of animal-mnist, before max_images=256 applies
