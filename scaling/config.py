@@ -17,6 +17,7 @@ from typing import Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import OmegaConf
 
 from scaling.data import DataConfig, describe
@@ -114,9 +115,29 @@ def validate_eval(cfg: EvalConfig) -> None:
 
 
 @dataclass
+class GridSweeperConfig:             # hydra/sweeper=grid (conf/config.yaml): compose, validate, plan, skip, launch
+    _target_: str = "hydra_plugins.dit_scaling.sweeper.GridSweeper"
+    params: dict[str, str] = field(default_factory=dict)  # a study's grid, crossed with the command line's sweeps
+
+
+@dataclass
 class LocalLauncherConfig:           # conf/hydra/launcher/local.yaml
+    _target_: str = "hydra_plugins.dit_scaling.local_launcher.LocalPoolLauncher"
     parallel: int = 0                # jobs at once; 0 = one per visible GPU, or 1 without a GPU
     threads_per_job: int = 0         # CPU threads per job without a GPU; 0 = CPU cores / parallel
+
+
+@dataclass
+class SlurmLauncherConfig(SlurmQueueConf):  # conf/hydra/launcher/slurm.yaml: hydra-submitit-launcher's keys, plus
+    _target_: str = "hydra_plugins.dit_scaling.slurm_launcher.GridSlurmLauncher"
+    wait: bool = False               # false: submit and return (exit 4); true: follow every job to its end
+    evals_from_jobs: bool = True     # eval.inline=false: each training job submits its evals as SLURM jobs
+    eval_timeout_min: int = 240      # the eval jobs' resources (one task; the training job's partition etc.)
+    eval_gpus_per_node: Optional[int] = None  # None = as the training jobs, at most 1
+    eval_cpus_per_task: Optional[int] = None  # None = as the training jobs
+    eval_mem_gb: Optional[int] = None         # None = as the training jobs
+    parallel: int = 0                # the local pool's keys, ignored here: one study file runs on both launchers
+    threads_per_job: int = 0
 
 
 # ----------------------------------------------------------------------------- the run
@@ -130,7 +151,8 @@ class RunConfig:
     seed: int = 0
     output_root: str = "outputs"
     sweep: str = "default"        # the study this run belongs to: the wandb group
-    dry_run: bool = False
+    dry_run: bool = False         # print the plan of the grid and stop
+    analyze: bool = False         # after the grid: the results table and the figures in <output_root>/analysis/
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -170,10 +192,14 @@ def studies() -> list[str]:
 def register_configs() -> None:
     """Register RunConfig as Hydra's `base_config` schema: every key in conf/ and on the command line is typed.
 
-    Also the local launcher's schema (conf/hydra/launcher/local.yaml extends it), so that its keys are typed too.
+    Also the schemas of the project's Hydra plugins (hydra_plugins/dit_scaling): the grid sweeper, and the local
+    and SLURM launchers that conf/hydra/launcher/*.yaml extend, so that their keys are typed too.
     """
-    ConfigStore.instance().store(name="base_config", node=RunConfig)
-    ConfigStore.instance().store(group="hydra/launcher", name="local_schema", node=LocalLauncherConfig)
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=RunConfig)
+    store.store(group="hydra/sweeper", name="grid", node=GridSweeperConfig)
+    store.store(group="hydra/launcher", name="local_schema", node=LocalLauncherConfig)
+    store.store(group="hydra/launcher", name="slurm_schema", node=SlurmLauncherConfig)
 
 
 def config_from_overrides(overrides: list[str]) -> RunConfig:

@@ -5,20 +5,30 @@ running one point (training, then the evals that are due) as a job does.
 """
 
 import errno
+import importlib.util
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus
 
 from scaling.checkpoint import DiskFull
 from scaling.config import RunConfig, run_dir_for
-from scaling.evaluate import evaluate_checkpoint, missing_evals
+from scaling.evaluate import evaluate_checkpoint, missing_evals, setting_key
 from scaling.rundir import LeaseLost, RunDir, RunLocked, lease_is_live, read_lease, read_status, write_status
 from scaling.train import train
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNFINISHED = 1, 2, 3
+# Exit codes of `python -m scaling.launch` (docs/launching.md).
+EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNFINISHED, EXIT_SUBMITTED = 0, 1, 2, 3, 4
+
+
+class LaunchExit(SystemExit):
+    """The launch ends with this exit code, decided by the project (Hydra's own exits are plain SystemExit: the
+    launcher's main() reads those as Hydra rejecting the command line, exit 2)."""
 
 
 @dataclass
@@ -95,13 +105,14 @@ def mark_failed(run: RunDir, error: BaseException) -> None:
         print(f"[launch] could not write {run.status}: {e}", file=sys.stderr, flush=True)
 
 
-def evaluate_missing(cfg: RunConfig) -> int:
-    """Evaluate every checkpoint of the run that is due for evaluation and lacks this eval setting; the number
-    evaluated."""
+def evaluate_missing(cfg: RunConfig, only: list[int] | None = None) -> int:
+    """Evaluate every checkpoint of the run that is due for evaluation and lacks this eval setting (of `only`, when
+    given: an eval job's share); the number evaluated."""
     use_cpu_allocation()  # an eval job on SLURM
     run_path = run_dir_for(cfg).path
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    steps = missing_evals(run_path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps)
+    steps = [s for s in missing_evals(run_path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps)
+             if only is None or s in only]
     for step in steps:
         print(f"[launch] evaluating {run_path.name} step {step} ({cfg.eval.num_samples} samples)", flush=True)
         evaluate_checkpoint(run_path, step, cfg.eval, device)
@@ -120,10 +131,17 @@ def use_cpu_allocation() -> int | None:
     return int(cpus)
 
 
-def slurm_task(task_cfg) -> dict:
-    """The Hydra task of a SLURM job (hydra-submitit-launcher calls it with the composed config)."""
-    use_cpu_allocation()
-    return run_point(OmegaConf.to_object(task_cfg), evals_here=False)
+def job_return(overrides: list[str], value: dict) -> JobReturn:
+    """What a launcher hands back to the sweeper for one grid point: the point's state (and job) as a finished
+    Hydra job's return value."""
+    ret = JobReturn(overrides=list(overrides), task_name="launch", status=JobStatus.COMPLETED)
+    ret.return_value = value
+    return ret
+
+
+def hydra_dir() -> str | None:
+    """The Hydra output folder of this job (its .hydra/ holds the composed config and overrides), if any."""
+    return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None
 
 
 def waves(points: list[Point]) -> list[list[Point]]:
@@ -159,3 +177,44 @@ def run_single(point: Point) -> int:
     return 0 if status["state"] == "done" else EXIT_FAILED if status["state"] == "failed" else EXIT_UNFINISHED
 
 
+# ----------------------------------------------------------------------------- after the grid
+
+
+def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
+    """One line per grid point from its run directory (the source of truth), then the exit code: 1 when a job or
+    an eval failed, else 4 when jobs were submitted and left to run (SLURM, detached), else 3 when a point is not
+    done, else 0."""
+
+    with_eval = len({setting_key(p.cfg.eval) for p in points}) > 1
+    failed = submitted = unfinished = False
+    for p in points:
+        p.state = point_state(p.cfg)
+        note = outcomes.get(p.run_id, "")
+        if p.state == "failed" or p.run_id in eval_errors or note.startswith("failed"):
+            failed = True
+        elif p.state != "done" and note.startswith("submitted"):
+            submitted = True
+        elif p.state != "done":
+            unfinished = True
+        extra = eval_errors.get(p.run_id) or (note.removeprefix("failed: ") if note and note != p.state else "")
+        label = p.run_id + (f" [{setting_key(p.cfg.eval)}]" if with_eval else "")
+        print(f"[launch] {label}: {p.state}" + (f" ({extra})" if extra else ""), flush=True)
+    return EXIT_FAILED if failed else EXIT_SUBMITTED if submitted else EXIT_UNFINISHED if unfinished else EXIT_DONE
+
+
+def analyze(output_root: str) -> None:
+    """The results table and the figures of the output root, in <output_root>/analysis/ (where installed)."""
+
+    out = Path(output_root) / "analysis"
+    table = out / "results.csv"
+    steps = [("scaling.results", [str(output_root), "-o", str(table)]),
+             ("analysis.figures", [str(table), "-o", str(out)]),
+             ("analysis.law_figures", [str(table), "-o", str(out)])]  # the forecasting laws, with a held-out loss
+    for module, argv in steps:
+        if importlib.util.find_spec(module) is None:
+            print(f"[launch] analyze: {module} is not available; skipped", flush=True)
+            return
+        rc = subprocess.call([sys.executable, "-m", module, *argv])
+        if rc:
+            print(f"[launch] analyze: python -m {module} exited {rc}", flush=True)
+            return

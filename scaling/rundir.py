@@ -47,6 +47,7 @@ class RunDir:
     checkpoints = property(lambda self: self.path / "checkpoints")
     samples = property(lambda self: self.path / "samples")
     lock = property(lambda self: self.path / "lock.json")
+    launches = property(lambda self: self.path / "launches.jsonl")  # one row per job start (scaling.provenance)
     guard = property(lambda self: self.path / "lock.guard")   # serialises taking the lease; never removed
 
     @property
@@ -114,9 +115,11 @@ def read_json(path, default=None):
 
 def append_jsonl(path, obj) -> None:
     """Append one JSON line and fsync it, so a row that returned is on disk. A torn last line (a killed writer)
-    is closed first, so the new row never glues onto it."""
+    is closed first, so the new row never glues onto it. Writers of one file on several nodes (eval jobs of one
+    run) take turns under a POSIX lock of the file (NFS and Lustre pass it between hosts)."""
     line = json.dumps(obj, sort_keys=True, default=str)
     with open(path, "ab+") as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)  # released when the file closes
         f.seek(0, os.SEEK_END)
         if f.tell() > 0:
             f.seek(-1, os.SEEK_END)

@@ -65,6 +65,12 @@ def install_early() -> StopSignals:
     return _ACTIVE[-1]
 
 
+def active() -> StopSignals | None:
+    """The process's StopSignals, if installed (the launcher hands Ctrl-C and SIGTERM back to itself before it
+    starts a pool of jobs, which it then stops cleanly)."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 @contextmanager
 def stop_signals():
     """The process's StopSignals: installed on first entry (and restored on its exit), shared by nested entries,

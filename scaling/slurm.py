@@ -1,36 +1,185 @@
-"""The SLURM half of `python -m scaling.launch` (hydra/launcher=slurm): training jobs as job arrays through
-hydra-submitit-launcher, eval jobs beside them through submitit, and the launch waiting on both.
+"""The SLURM side of the launch: executors with the launcher's settings, eval jobs, following jobs without sacct,
+and the study's end (analysis) run by the last job, so that a detached launch needs no process outside the jobs.
 
-A job's end is learned from its result file or from `scontrol` (a cluster without accounting has no sacct, which
-submitit alone would wait on). Each job runs `scaling.jobs.slurm_task` (training) or
-`scaling.jobs.evaluate_missing` (evals), so what a job does is the same as in a local run.
+hydra_plugins/dit_scaling/slurm_launcher.py submits the training jobs (job arrays through hydra-submitit-launcher).
+With eval.inline=false each training job submits its evals as their own jobs (`JobEvals`, resources from
+hydra.launcher.eval_*) as its checkpoints appear; a launch that waits (hydra.launcher.wait=true) submits them
+itself instead (`EvalJobs`). A job's end is learned from its result file or from `scontrol` (a cluster without
+accounting has no sacct, which submitit alone would wait on).
 """
-from __future__ import annotations
 
-import re
-import subprocess
+import fcntl
+import os
 import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
-from scaling.jobs import Point, evaluate_missing, first_line, point_state, slurm_task, waves
+import submitit
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf
 
-EVAL_POLL_S = 60.0               # how often the launch looks for new checkpoints to evaluate
-JOB_POLL_S = 5.0                 # how often it checks whether a job is over
-SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "TIMEOUT"}
+from scaling.config import RunConfig, config_from_dict, run_dir_for
+from scaling.evaluate import missing_evals, setting_key
+from scaling.jobs import (Point, analyze, evaluate_missing, first_line, hydra_dir, point_state, run_point,
+                          use_cpu_allocation)
+from scaling.provenance import record_launch
+from scaling.rundir import append_jsonl, load_json, read_jsonl, write_json
+from scaling.squeue import SLURM_ENDED, SLURM_LIVE, slurm_state, slurm_states
+
+EVAL_POLL_S = 60.0               # how often a training job (or a waiting launch) looks for checkpoints to evaluate
+JOB_POLL_S = 5.0                 # how often a waiting launch checks whether a job is over
+# keys of hydra.launcher that are the project's (scaling.config.SlurmLauncherConfig), not submitit's
+PROJECT_KEYS = ("wait", "evals_from_jobs", "eval_timeout_min", "eval_gpus_per_node", "eval_cpus_per_task",
+                "eval_mem_gb", "parallel", "threads_per_job", "_target_")
 
 
 def slurm_executor(params: dict):
     """A submitit executor with the parameters of hydra.launcher (as hydra-submitit-launcher builds its own)."""
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import OmegaConf
-
     executor = submitit.AutoExecutor(folder=params["submitit_folder"], cluster="slurm",
                                      slurm_max_num_timeout=params["max_num_timeout"])
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
-                                  if k not in ("submitit_folder", "max_num_timeout", "_target_")})
+                                  if k not in ("submitit_folder", "max_num_timeout", *PROJECT_KEYS)})
     return executor
+
+
+def eval_params(params: dict) -> dict:
+    """The eval jobs' settings: the training jobs' (partition, account, setup, ...) with one task on one node, at
+    most one GPU, and the eval_* resources where given."""
+    out = {**params, "nodes": 1, "tasks_per_node": 1, "name": f"{params.get('name', 'dit-scaling')}-eval",
+           "timeout_min": params.get("eval_timeout_min") or params["timeout_min"],
+           "gpus_per_node": min(params.get("gpus_per_node") or 0, 1) if params.get("eval_gpus_per_node") is None
+           else params["eval_gpus_per_node"]}
+    if params.get("eval_cpus_per_task"):
+        out["cpus_per_task"] = params["eval_cpus_per_task"]
+    if params.get("eval_mem_gb"):
+        out["mem_gb"] = params["eval_mem_gb"]
+    if not out["gpus_per_node"]:
+        out["gpus_per_node"] = None  # no gres line at all: a CPU partition refuses gpu:0
+    return out
+
+
+# ----------------------------------------------------------------------------- the training job
+
+
+def slurm_task(task_cfg) -> dict:
+    """The Hydra task of a SLURM training job (hydra-submitit-launcher calls it with the composed config): the
+    run, with its eval jobs submitted from here as checkpoints appear (eval.inline=false, a detached launch), then
+    the study's end if this job ends it."""
+    use_cpu_allocation()
+    cfg = OmegaConf.to_object(task_cfg)
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    params = OmegaConf.to_container(hydra.launcher, resolve=True) if hydra is not None else {}
+    launch_dir = str(hydra.sweep.dir) if hydra is not None else None
+    rank = int(os.environ.get("SLURM_PROCID") or 0)
+    if rank:
+        return run_point(cfg, evals_here=False)
+    record_launch(run_dir_for(cfg).create(), hydra_dir())
+    if not cfg.eval.inline and params.get("evals_from_jobs") and not params.get("wait"):
+        with JobEvals(cfg, params, launch_dir):
+            result = run_point(cfg, evals_here=False)
+    else:
+        result = run_point(cfg, evals_here=False)
+    if launch_dir:
+        finish_study(Path(launch_dir))
+    return result
+
+
+# ----------------------------------------------------------------------------- eval jobs
+
+
+class EvalJob(submitit.helpers.Checkpointable):
+    """An eval job: the given checkpoints of one run in one eval setting (skipping any evaluated meanwhile), then
+    the study's end if this was its last piece of work. Requeued by submitit when preempted or out of time."""
+
+    def __call__(self, cfg: RunConfig, steps: list[int], launch_dir: str | None = None) -> int:
+        use_cpu_allocation()
+        n = evaluate_missing(cfg, steps)
+        if launch_dir:
+            finish_study(Path(launch_dir))
+        return n
+
+
+def submit_evals(executor, cfg: RunConfig, steps: list[int], launch_dir: str | None) -> str:
+    """Submit one eval job (from a login node or from inside a job: the parent job's SLURM_* environment is not
+    passed on) and note it in the run's eval_jobs.jsonl; the job id."""
+    with submitit.helpers.clean_env():
+        job = executor.submit(EvalJob(), cfg, list(steps), launch_dir)
+    append_jsonl(run_dir_for(cfg).path / "eval_jobs.jsonl", {"job_id": job.job_id, "steps": list(steps),
+                                                               "setting": setting_key(cfg.eval), "time": time.time()})
+    return job.job_id
+
+
+def live_eval_steps(cfg: RunConfig) -> set[int]:
+    """Steps of this eval setting that an eval job still queued or running will evaluate (eval_jobs.jsonl, one
+    squeue-like query for all of them)."""
+    rows = [r for r in read_jsonl(run_dir_for(cfg).path / "eval_jobs.jsonl") if r.get("setting") == setting_key(cfg.eval)]
+    if not rows:
+        return set()
+    states = slurm_states([str(r["job_id"]) for r in rows])
+    return {s for r in rows if states.get(str(r["job_id"])) in SLURM_LIVE for s in r.get("steps", [])}
+
+
+class JobEvals:
+    """Inside a training job: eval jobs for its checkpoints as they appear (every EVAL_POLL_S, and once more at
+    the end), each step submitted once."""
+
+    def __init__(self, cfg: RunConfig, params: dict, launch_dir: str | None):
+        self.cfg, self.launch_dir = cfg, launch_dir
+        self.executor = slurm_executor(eval_params(params))
+        self.submitted: set[int] = live_eval_steps(cfg)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def poll(self) -> None:
+        c = self.cfg
+        due = [s for s in missing_evals(run_dir_for(c).path, c.eval, c.train.ckpt_every, c.train.steps)
+               if s not in self.submitted]
+        if due:
+            job_id = submit_evals(self.executor, c, due, self.launch_dir)
+            self.submitted |= set(due)
+            print(f"[launch] eval job {job_id}: {run_dir_for(c).run_id} steps {due} ({setting_key(c.eval)})",
+                  flush=True)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(EVAL_POLL_S):
+            try:
+                self.poll()
+            except Exception as e:  # noqa: BLE001 - sbatch refused now: tried again at the next poll and at the end
+                print(f"[launch] eval submission: {type(e).__name__}: {first_line(str(e))}", flush=True)
+
+    def __enter__(self) -> "JobEvals":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.poll()  # the final checkpoint's eval (an error here fails the job: its evals would be lost)
+
+
+def finish_study(launch_dir: Path) -> bool:
+    """The end of a detached study, run by whichever job ends it: when every point of the launch is done (trained,
+    every eval written) and the launch asked for analyze=true, the results table and the figures are written into
+    each output root, once (a lock and a marker in the launch folder). Whether it ran them."""
+    record, _ = load_json(launch_dir / "launch.json")
+    points = (record or {}).get("points") or []
+    if not points or not any(p["config"].get("analyze") for p in points):
+        return False
+    if any(point_state(config_from_dict(p["config"])) != "done" for p in points):
+        return False
+    with open(launch_dir / "analysis.lock", "a") as guard:
+        fcntl.lockf(guard, fcntl.LOCK_EX)
+        marker = launch_dir / "analyzed.json"
+        if marker.is_file():
+            return False
+        for root in dict.fromkeys(p["output_root"] for p in points):
+            analyze(root)
+        write_json(marker, {"time": time.time()})
+    return True
 
 
 class EvalJobs:
@@ -38,17 +187,15 @@ class EvalJobs:
     (evals.jsonl has one writer at a time), a new one as new checkpoints appear (`poll`); a run whose eval job
     failed, or left its checkpoints unevaluated, gets no more eval jobs within this launch."""
 
-    def __init__(self, executor, points: list[Point]):
+    def __init__(self, executor, points: list[Point], launch_dir: str | None = None):
         self.executor, self.points = executor, [p for p in points if not p.cfg.eval.inline]
+        self.launch_dir = launch_dir
         self.in_flight = {}   # run_id -> (setting, steps, job)
         self.submitted = {}   # (run_id, setting) -> steps sent to the last job
         self.failed = {}      # run_id -> error
         self.lock = threading.Lock()
 
     def poll(self) -> None:
-        from scaling.config import run_dir_for
-        from scaling.evaluate import missing_evals, setting_key
-
         with self.lock:
             for run_id, (key, steps, job) in list(self.in_flight.items()):
                 if job_ended(job):
@@ -63,7 +210,7 @@ class EvalJobs:
                     self.failed[p.run_id] = f"eval job ended but steps {stuck} still lack {key}"
                     print(f"[launch] {p.run_id}: {self.failed[p.run_id]}", flush=True)
                 elif missing:
-                    job = self.executor.submit(evaluate_missing, p.cfg)
+                    job = self.executor.submit(EvalJob(), p.cfg, missing, self.launch_dir)
                     self.in_flight[p.run_id] = (key, missing, job)
                     self.submitted[(p.run_id, key)] = set(missing)
                     print(f"[launch] eval job {job.job_id}: {p.run_id} steps {missing} ({key})", flush=True)
@@ -81,9 +228,6 @@ class EvalJobs:
             try:
                 self.poll()
             except Exception as e:  # noqa: BLE001 - sbatch refused: no more submissions, wait for those in flight
-                from scaling.config import run_dir_for
-                from scaling.evaluate import missing_evals
-
                 for p in self.points:
                     if p.run_id not in self.in_flight and missing_evals(run_dir_for(p.cfg).path, p.cfg.eval,
                                                                         p.cfg.train.ckpt_every, p.cfg.train.steps):
@@ -99,67 +243,37 @@ class EvalJobs:
             except Exception as e:  # noqa: BLE001 - a failed sbatch now is retried at the next poll
                 print(f"[launch] eval poll: {type(e).__name__}: {first_line(str(e))}", flush=True)
 
-
-def run_slurm(hydra, master, todo: list[Point]) -> tuple[dict, dict]:
-    """Training jobs through hydra-submitit-launcher's SLURM launcher, eval jobs beside them; waits for all.
-
-    Each wave of training jobs is one job array; a point whose run is trained by then only gets eval jobs.
-    Returns ({run_id: job outcome}, {run_id: eval error}).
-    """
-    from hydra._internal.callbacks import Callbacks
-    from hydra.core.plugins import Plugins
-    from hydra.types import HydraContext
-    from omegaconf import OmegaConf
-
-    params = OmegaConf.to_container(master.hydra.launcher, resolve=True)
-    one_gpu = {"nodes": 1, "tasks_per_node": 1, "gpus_per_node": min(params["gpus_per_node"] or 0, 1),
-               "name": f"{params['name']}-eval"}
-    evals = EvalJobs(slurm_executor({**params, **one_gpu}), todo)
-    launcher, outcomes, stop = None, {}, threading.Event()
-    threading.Thread(target=evals.watch, args=(stop,), daemon=True).start()
-    try:
-        for wave in waves(todo):
-            states = {p.run_id: point_state(p.cfg) for p in wave}  # a run trained by an earlier wave: evals only
-            train = [p for p in wave if states[p.run_id] not in ("done", "running")
-                     and not (states[p.run_id] == "evals" and not p.cfg.eval.inline)]
-            if not train:
-                continue
-            launcher = launcher or Plugins.instance().instantiate_launcher(
-                hydra_context=HydraContext(config_loader=hydra.config_loader, callbacks=Callbacks(master)),
-                task_function=slurm_task, config=master)
-            outcomes.update(submit_and_wait(launcher, slurm_executor(params), train))
-    finally:
-        stop.set()
-    return outcomes, evals.drain()
+    @contextmanager
+    def watching(self):
+        """Poll in a thread while the body waits on the training jobs."""
+        stop = threading.Event()
+        thread = threading.Thread(target=self.watch, args=(stop,), daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            stop.set()
 
 
-def submit_and_wait(launcher, executor, points: list[Point]) -> dict[str, str]:
-    """One job array of Hydra jobs (what hydra-submitit-launcher's `launch` does), waiting on every job even
-    when one fails, so that a crash in one run does not hide the others; {run_id: outcome}."""
-    from hydra.core.singleton import Singleton
 
-    n = len(points)
-    try:
-        jobs = executor.map_array(launcher, [p.overrides for p in points], ["hydra.sweep.dir"] * n, list(range(n)),
-                                  [f"job_id_for_{i}" for i in range(n)], [Singleton.get_state()] * n)
-    except Exception as e:  # noqa: BLE001 - sbatch refused: nothing of this wave runs
-        msg = f"failed: submission: {first_line(str(e))}"
-        print(f"[launch] {msg}", flush=True)
-        return {p.run_id: msg for p in points}
-    for p, job in zip(points, jobs):
-        print(f"[launch] job {job.job_id}: {p.run_id}", flush=True)
-    outcomes, pending = {}, dict(zip(jobs, points))
+# ----------------------------------------------------------------------------- following jobs (wait=true)
+
+
+def submit_and_wait(jobs_by_point: dict) -> dict[str, str]:
+    """Wait on every submitted job even when one fails, so that a crash in one run does not hide the others;
+    {run_id: outcome}. A job that SLURM requeues (scontrol requeue, preemption) is followed to its end."""
+    outcomes, pending = {}, dict(jobs_by_point)
     while pending:
         for job in [j for j in pending if job_ended(j)]:
             try:
-                outcome = _job_outcome(job_result(job))
+                outcome = job_outcome(job_result(job))
             except Exception as e:  # noqa: BLE001 - killed, out of memory, node lost: the run dir keeps its state
                 outcome = f"failed: {first_line(str(e))}"
             if outcome == "preempted" and requeued(job):
                 # SIGTERM then a requeue by SLURM (scontrol requeue, PreemptMode=REQUEUE): training saved and
                 # returned; the next attempt resumes and will write its own result.
                 print(f"[launch] job {job.job_id}: requeued by SLURM, following it", flush=True)
-                for task in job._sub_jobs or [job]:  # one result file per task (DDP: one per rank)
+                for task in [job.task(i) for i in range(job.num_tasks)]:  # one result file per task (DDP: per rank)
                     task.paths.result_pickle.unlink(missing_ok=True)
                 continue
             outcomes[pending.pop(job).run_id] = outcome
@@ -176,15 +290,6 @@ def requeued(job, settle_s: float = 60.0) -> bool:
         time.sleep(1.0)
         state = slurm_state(job.job_id)
     return state in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SUSPENDED")
-
-
-def slurm_state(job_id: str) -> str:
-    """The job's JobState from scontrol; "GONE" once SLURM has forgotten it (MinJobAge after its end)."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60)
-    if out.returncode and "Invalid job id" in out.stderr:
-        return "GONE"
-    m = re.search(r"JobState=(\S+)", out.stdout)
-    return m[1] if m else "UNKNOWN"
 
 
 def job_ended(job) -> bool:
@@ -204,9 +309,10 @@ def job_result(job):
                        f"{job.paths.stderr}")
 
 
-def _job_outcome(ret) -> str:
-    from hydra.core.utils import JobStatus
-
-    if ret.status == JobStatus.COMPLETED:
-        return ret.return_value.get("state", "done") if isinstance(ret.return_value, dict) else "done"
-    return f"failed: {type(ret._return_value).__name__}: {first_line(str(ret._return_value))}"
+def job_outcome(ret: JobReturn) -> str:
+    """The state a finished Hydra job returned, or `failed: <error>` for a job that raised."""
+    try:
+        value = ret.return_value
+    except Exception as e:  # noqa: BLE001 - the job raised; its run directory says failed
+        return f"failed: {type(e).__name__}: {first_line(str(e))}"
+    return value.get("state", "done") if isinstance(value, dict) else "done"

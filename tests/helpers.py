@@ -49,3 +49,21 @@ def drawn_legend_texts(fig) -> list[str]:
             continue  # outside what is saved
         texts += [t.get_text() for t in leg.get_texts()]
     return texts
+
+
+def hydra_master(config_name: str = "config", overrides: list[str] = ()):
+    """(Hydra's config loader, the composed config with its hydra node) as the launcher's sweeper receives them,
+    through Hydra's public compose API (the studies in sweeps/ are on its search path)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from scaling.config import CONF_DIR, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    fixed = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides)) if not o.is_sweep_override()]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):  # the sweeps are the grid's, not its
+        master = compose(config_name, overrides=fixed, return_hydra_config=True)
+        loader = GlobalHydra.instance().config_loader()
+    return loader, master

@@ -15,12 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_launch
-from scaling import jobs, launch, slurm
+from helpers import hydra_master, run_launch
+from hydra_plugins.dit_scaling import local_launcher
+from hydra_plugins.dit_scaling.local_launcher import local_slots, run_local
+from scaling import jobs, slurm
 from scaling.config import LocalLauncherConfig, config_from_overrides, run_dir_for, run_id
 from scaling.evaluate import setting_key
-from scaling.jobs import Point, point_state, run_point, waves
-from scaling.launch import LaunchArgs, local_slots, main, parse_args, run_local, summarize
+from scaling.grid import Composer, grid_overrides, group_dirs
+from scaling.jobs import Point, point_state, run_point, summarize, waves
+from scaling.launch import config_name_of, flags_first, main
+from scaling.plan import plan_rows
 from scaling.rundir import RunDir, RunLocked, append_jsonl, read_jsonl, read_status, write_json, write_status
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,39 +58,54 @@ def add_checkpoints(run: RunDir, steps) -> None:
 # ----------------------------------------------------------------------------- command line and grid
 
 
-def test_parse_args(monkeypatch):
-    monkeypatch.chdir(ROOT)
-    a = parse_args(["-m", "--config-dir", "sweeps", "-cn", "laptop.yaml", "patch=2", "analyze=true"])
-    assert a.multirun and a.config_dir == str(ROOT / "sweeps") and a.config_name == "laptop"
-    assert a.overrides == ["patch=2"] and a.analyze
-    assert parse_args(["--config-name=paper", "analyze=false"]).config_name == "paper"
-    with pytest.raises(ValueError, match=r"unknown option '--fast'; allowed: -m/--multirun"):
-        parse_args(["--fast"])
-    with pytest.raises(ValueError, match="analyze takes true or false"):
-        parse_args(["analyze=yes"])
-    with pytest.raises(ValueError, match="--config-dir='nowhere' is not a directory"):
-        parse_args(["--config-dir=nowhere"])
+def test_config_name_and_dir_are_read_as_hydra_reads_them():
+    assert config_name_of(["-m", "--config-dir", "sweeps", "-cn", "laptop.yaml", "patch=2"]) == ("laptop.yaml", "sweeps")
+    assert config_name_of(["--config-name=paper", "-cd=x"]) == ("paper", "x")
+    assert config_name_of(["patch=2"]) == (None, None)
+    # flags typed after the overrides reach Hydra first, with their values
+    assert flags_first(["patch=4,8", "-m", "--config-name", "laptop", "dry_run=true", "--cfg=job"]) == \
+        ["-m", "--config-name", "laptop", "--cfg=job", "patch=4,8", "dry_run=true"]
 
 
-def _grid(argv):
-    args = parse_args(argv)
-    hydra = launch.make_hydra(args)
-    return launch.expand_grid(hydra, launch.compose_master(hydra, args), args)
+def test_hydra_flags_show_the_config_the_launcher_settings_and_the_help(capsys):
+    assert main(["--cfg", "job", "model=laptop_b", "patch=8"]) == 0
+    job = capsys.readouterr().out
+    assert "patch: 8" in job and "name: laptop_b" in job and "hydra:" not in job
+    assert main(["--cfg", "hydra", "hydra/launcher=slurm", "hydra.launcher.partition=gpu"]) == 0
+    hydra_cfg = capsys.readouterr().out
+    assert "GridSlurmLauncher" in hydra_cfg and "partition: gpu" in hydra_cfg and "cpus_per_task: 8" in hydra_cfg
+    assert main(["--cfg", "job", "--resolve", "output_root=/tmp/x", "--config-name", "laptop"]) == 0
+    assert "sweep: laptop" in capsys.readouterr().out
+    info = cli("--info", "searchpath")  # Hydra prints it through its logging: a process, as a user runs it
+    assert info.returncode == 0 and "dit-scaling-studies" in info.stdout, info  # sweeps/: --config-name laptop
+    assert main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    for study in sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml")):
+        assert f"  {study} " in help_text, study  # every study is named, with what it is
+    for group in ("model: dit_b, dit_l", "data: animal_mnist", "wandb: disabled, offline, online"):
+        assert group in help_text, group
+    assert "Exit codes: 0 done, 1 a job failed, 2 bad input, 3 some point unfinished, 4 submitted" in help_text
 
 
-def test_grid_is_the_sweep_file_crossed_with_the_command_line(monkeypatch):
-    monkeypatch.chdir(ROOT)
-    laptop = _grid(["-cd", "sweeps", "-cn", "laptop", "-m"])
+def _grid(config_name: str, task: list[str], multirun: bool = True) -> list[list[str]]:
+    _, master = hydra_master(config_name)
+    return grid_overrides(dict(master.hydra.sweeper.params), task, multirun)
+
+
+def test_grid_is_the_sweep_file_crossed_with_the_command_line():
+    laptop = _grid("laptop", [])
     assert len(laptop) == 12 and laptop[0] == ["model=laptop_s", "patch=2"] and laptop[-1] == ["model=laptop_xl",
                                                                                                "patch=8"]
-    assert len(_grid(["-cd", "sweeps", "-cn", "laptop", "-m", "patch=4"])) == 4          # pinned on the command line
-    assert {p[1] for p in _grid(["-cd", "sweeps", "-cn", "laptop", "-m", "patch=2,8"])} == {"patch=2", "patch=8"}
-    assert _grid(["-m", "model=dit_s,dit_b", "seed=1"]) == [["model=dit_s", "seed=1"], ["model=dit_b", "seed=1"]]
-    assert _grid(["-cd", "sweeps", "-cn", "laptop", "model=laptop_b", "patch=8"]) == [["model=laptop_b", "patch=8"]]
+    assert len(_grid("laptop", ["patch=4"])) == 4          # pinned on the command line
+    assert {p[1] for p in _grid("laptop", ["patch=2,8"])} == {"patch=2", "patch=8"}
+    assert _grid("config", ["model=dit_s,dit_b", "seed=1"]) == [["model=dit_s", "seed=1"], ["model=dit_b", "seed=1"]]
+    assert _grid("laptop", ["model=laptop_b", "patch=8"], multirun=False) == [["model=laptop_b", "patch=8"]]
     with pytest.raises(ValueError, match=r"patch=2,4,8 is a sweep; add -m"):
-        _grid(["-cd", "sweeps", "-cn", "laptop", "model=laptop_b"])
-    sampling = _grid(["-cd", "sweeps", "-cn", "laptop_sampling", "-m"])
+        _grid("laptop", ["model=laptop_b"], multirun=False)
+    sampling = _grid("laptop_sampling", [])
     assert len(sampling) == 72 and sampling[0][-1] == "eval.sampling_steps=16"
+    with pytest.raises(ValueError, match=r"patch=interval\(2,8\): an interval sweep; allowed: a list of values"):
+        _grid("config", ["patch=interval(2,8)"])
 
 
 def test_waves_never_put_one_run_twice_in_a_wave():
@@ -151,7 +170,7 @@ def test_dry_run_of_the_bare_command_plans_the_paper_grid_without_its_data(tmp_p
 
 def test_gpu_hours_follow_the_stated_assumption():
     cfg = config_from_overrides(["model=dit_xl", "patch=2", "train=paper"])
-    row = launch.plan_rows([Point([], cfg, "x")])[0]
+    row = plan_rows([Point([], cfg, "x")])[0]
     flops = row["gflops_per_img"] * 1e9 * 256 * 400_000 * 3
     assert row["train_flops"] == pytest.approx(flops)
     assert row["gpu_hours"] == pytest.approx(2 * flops / (989e12 * 0.40) / 3600)
@@ -192,7 +211,7 @@ BAD_INPUT = {
     "dataset path not given": (["data=imagenet"], ["data.path is required"]),
     "dataset path missing": (["data=imagenet", "data.path=/nonexistent/train"],
                              ["data.path='/nonexistent/train' does not exist"]),
-    "unknown launcher": (["-m", "hydra/launcher=pbs"], ["hydra/launcher=pbs", "allowed: local, slurm"]),
+    "unknown launcher": (["-m", "hydra/launcher=pbs"], ["hydra/launcher=pbs", "allowed: local, slurm, slurm_cpu"]),
     "num_samples <= 0": (["eval.num_samples=0"], ["eval.num_samples=0", "allowed: an integer >= 1"]),
     "cfg scale < 1": (["eval.cfg_scale=0.5"], ["eval.cfg_scale=0.5", "allowed: >= 1.0"]),
 }
@@ -205,12 +224,13 @@ BAD_INPUT_IN_PROCESS = {
     "appended unknown key": (["+train.speed=3"], ["unknown key 'train.speed'", "allowed: steps"]),
     "unknown launcher key": (["-m", "hydra/launcher=slurm", "hydra.launcher.partiton=gpu"],
                              ["unknown key 'hydra.launcher.partiton'", "partition"]),
-    "launcher of hydra, not of the project": (["-m", "hydra/launcher=basic"], ["hydra/launcher=basic",
-                                                                               "allowed: local, slurm"]),
+    "launcher of hydra, not of the project": (["-m", "hydra/launcher=basic"], ["BasicLauncher: not a launcher of this project",
+                                                                               "allowed: hydra/launcher=local"]),
     "bad local parallel": (["-m", "hydra.launcher.parallel=-1"], ["hydra.launcher.parallel=-1 must be >= 0"]),
     "sweep without -m": (["patch=4,8"], ["patch=4,8 is a sweep; add -m"]),
+    "study grid without -m": (["--config-name", "laptop"], ["model=laptop_s,laptop_b,laptop_l,laptop_xl is a sweep"]),
+    "slurm without -m": (["hydra/launcher=slurm"], ["hydra/launcher=slurm submits a grid: add -m"]),
     "unparsable override": (["model=dit_s,"], ["cannot parse override 'model=dit_s,'"]),
-    "unknown option": (["--fast"], ["'--fast'", "allowed: -m/--multirun"]),
     "negative sampling steps": (["eval.sampling_steps=-5"], ["eval.sampling_steps=-5", "allowed: an integer >= 1"]),
     "precision fp16": (["train.precision=fp16"], ["train.precision='fp16'", "allowed: auto, bf16, fp32"]),
     "device gpu": (["train.device=gpu"], ["train.device='gpu'", "allowed: auto, cpu, cuda"]),
@@ -227,8 +247,8 @@ BAD_INPUT_IN_PROCESS = {
     "output root in /proc": (["output_root=/proc/x"], ["output_root='/proc/x' is not writable"]),
     "unknown study": (["--config-name", "papr"], ["--config-name=papr", "allowed: config", "laptop", "paper"]),
     "model with its patch": (["model=DiT-XL/2"], ["model=DiT-XL/2: no such model config", "patch=2"]),
-    "sweeper params of a config without a grid": (["hydra.sweeper.params.patch=4"],
-                                                  ["hydra.sweeper.params.patch=4", "-m patch=4"]),
+    "sweeper params of a config without a grid": (["-m", "hydra.sweeper.params.patch=4"],
+                                                  ["hydra.sweeper.params.patch: not an axis", "-m patch=a,b"]),
     "latent image size not a multiple of 8": (["model=dit_xl", "data.image_size=250", "data.path=/nope",
                                                "dry_run=true"], ["data.image_size=250", "multiple of 8"]),
     "bad value at the last grid point": (["-m", "data.image_size=16", "patch=2,4,8,3"],
@@ -312,9 +332,9 @@ def test_local_pool_runs_a_bounded_number_of_jobs_each_on_its_own_gpu(tmp_path, 
     job = ("import os, sys, time; name, code = sys.argv[1], int(sys.argv[2]); t0 = time.time(); time.sleep(0.6); "
            "open(os.path.join(sys.argv[3], name), 'w').write(f\"{t0} {time.time()} {os.environ['CUDA_VISIBLE_DEVICES']}\");"
            " sys.exit(code)")
-    monkeypatch.setattr(launch, "job_command", lambda args, ov: [sys.executable, "-c", job, *ov, str(record)])
     points = [Point([f"r{i}", str(code)], None, f"r{i}") for i, code in enumerate([0, 1, 0, 3, 0])]
-    codes = run_local(LaunchArgs(), points, [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}],
+    commands = {p.run_id: [sys.executable, "-c", job, *p.overrides, str(record)] for p in points}
+    codes = run_local(commands, points, [{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}],
                       tmp_path / "logs")
     assert codes == {"r0": 0, "r1": 1, "r2": 0, "r3": 3, "r4": 0}
     spans = [tuple(map(float, (record / p.run_id).read_text().split()[:2])) + ((record / p.run_id).read_text().split()[2],)
@@ -378,8 +398,8 @@ class FakeExecutor:
     def __init__(self, error=None):
         self.jobs, self.error = [], error
 
-    def submit(self, fn, cfg):
-        assert fn is jobs.evaluate_missing
+    def submit(self, fn, cfg, steps, launch_dir=None):
+        assert isinstance(fn, slurm.EvalJob) and steps
         self.jobs.append(FakeJob(str(len(self.jobs)), self.error))
         return self.jobs[-1]
 
@@ -439,15 +459,28 @@ def test_summary_exit_codes(tmp_path, capsys):
     assert "job 4_0 ended (CANCELLED)" in capsys.readouterr().out
 
 
-def test_slurm_launcher_defaults_reach_sbatch(tmp_path):
-    args = parse_args(["-m", "hydra/launcher=slurm", f"output_root={tmp_path}"])
-    hydra = launch.make_hydra(args)
-    master = launch.compose_master(hydra, args)
-    assert launch.launcher_of(master) == ("slurm", None)
+@pytest.mark.parametrize("launcher", ["slurm", "slurm_cpu"])
+def test_slurm_launcher_defaults_reach_sbatch(tmp_path, launcher):
     from omegaconf import OmegaConf
 
+    from scaling.grid import launcher_kind
+
+    _, master = hydra_master("laptop", [f"hydra/launcher={launcher}", f"output_root={tmp_path}"])
+    assert launcher_kind(master.hydra.launcher) == "slurm"  # the laptop study's pool keys do not break SLURM
     params = OmegaConf.to_container(master.hydra.launcher, resolve=True)
-    assert params["_target_"].endswith("SlurmLauncher") and params["max_num_timeout"] == 20
+    assert params["_target_"].endswith("GridSlurmLauncher") and params["max_num_timeout"] == 20
+    assert params["parallel"] == 2 and params["wait"] is False
+    script = slurm.slurm_executor(params)._executor._make_submission_file_text("true", "uid")
+    assert "parallel" not in script and "wait" not in script
+    if launcher == "slurm_cpu":  # a CPU partition: no gres line at all, the job's CPUs for torch
+        assert "gpus" not in script and "gres" not in script and "#SBATCH --cpus-per-task=2\n" in script
+        evals = slurm.slurm_executor(slurm.eval_params(params))._executor._make_submission_file_text("true", "uid")
+        assert "gpus" not in evals and "#SBATCH --job-name=dit-scaling-eval\n" in evals
+        return
+    evals = slurm.slurm_executor(slurm.eval_params({**params, "eval_timeout_min": 30}))._executor
+    evals = evals._make_submission_file_text("true", "uid")
+    for flag in ("--gpus-per-node=1", "--ntasks-per-node=1", "--time=30", "--job-name=dit-scaling-eval"):
+        assert f"#SBATCH {flag}\n" in evals, flag
     assert params["submitit_folder"] == f"{tmp_path}/slurm/.submitit/%j"
     script = slurm.slurm_executor(params)._executor._make_submission_file_text("true", "uid")
     for flag in ("--signal=USR2@120", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=8", "--mem=64GB",
@@ -542,9 +575,9 @@ def test_the_local_pool_starts_the_largest_jobs_first_counting_steps_already_don
         return Point([], cfg, run_id(cfg))
 
     s8, b4, xl2 = point("laptop_s", 8), point("laptop_b", 4), point("laptop_xl", 2)
-    assert [p.run_id for p in launch.largest_first([s8, xl2, b4])] == [xl2.run_id, b4.run_id, s8.run_id]
+    assert [p.run_id for p in local_launcher.largest_first([s8, xl2, b4])] == [xl2.run_id, b4.run_id, s8.run_id]
     write_status(run_dir_for(xl2.cfg), "preempted", 999)  # 1 step of laptop-XL/2 left: less than all of S/8
-    assert [p.run_id for p in launch.largest_first([s8, xl2, b4])] == [b4.run_id, s8.run_id, xl2.run_id]
+    assert [p.run_id for p in local_launcher.largest_first([s8, xl2, b4])] == [b4.run_id, s8.run_id, xl2.run_id]
 
 
 def test_the_progress_line_names_each_running_job_with_its_step_rate_and_eta(tmp_path):
@@ -555,7 +588,7 @@ def test_the_progress_line_names_each_running_job_with_its_step_rate_and_eta(tmp
     run.path.mkdir(parents=True)
     append_jsonl(run.metrics, {"step": 100, "img_per_s": 64.0})
     append_jsonl(run.metrics, {"step": 200, "img_per_s": 32.0})  # 400 steps x 32 img / 32 img/s = 400 s left
-    line = launch.progress_line([Point([], cfg, run_id(cfg)), Point([], idle, run_id(idle))], 3, 12, 125.0)
+    line = local_launcher.progress_line([Point([], cfg, run_id(cfg)), Point([], idle, run_id(idle))], 3, 12, 125.0)
     assert line.startswith("[launch] 3/12 jobs finished after 2m05s; running: ")
     assert "laptop_b/4 step 200/600 (32 img/s, ETA 6m40s)" in line and "laptop_s/8 starting" in line
 
@@ -586,11 +619,12 @@ def test_checks_that_depend_on_where_the_jobs_run(tmp_path, capsys, monkeypatch)
                          ids=["paper", "sampling", "laptop+append", "laptop_blocks", "command-line grid",
                               "a key set twice"])
 def test_composing_once_per_group_choice_gives_the_configs_of_full_composition(argv):
-    args = parse_args(argv)
-    hydra = launch.make_hydra(args)
-    master = launch.compose_master(hydra, args)
-    grid = launch.expand_grid(hydra, master, args)
-    composer = launch.Composer(hydra, master, launch.group_dirs(args))
+    name = argv[argv.index("--config-name") + 1] if "--config-name" in argv else "config"
+    task = [a for a in argv if a not in ("-m", "--config-name", name)]
+    hydra_overrides = [a for a in task if a.lstrip("+").startswith("hydra")]
+    loader, master = hydra_master(name, task)
+    grid = grid_overrides(dict(master.hydra.sweeper.params), [a for a in task if a not in hydra_overrides], True)
+    composer = Composer(loader, master, group_dirs(None))
     sample = grid[:: max(1, len(grid) // 12)]  # every point of a 12-point grid; 12 of the 72-point one
     if "+train.extra=1" in argv:  # an appended key is not in the schema: both ways refuse it
         with pytest.raises(Exception, match="extra"):
@@ -601,6 +635,6 @@ def test_composing_once_per_group_choice_gives_the_configs_of_full_composition(a
     fast = [composer.point(overrides) for overrides in sample]
     models = {o for p in sample for o in p if o.startswith("model=")} or {"the config's model"}
     assert len(composer.composed) == len(models)  # one composition per model: patch etc. are set on a copy
-    full = launch.Composer(hydra, master, launch.group_dirs(args))
+    full = Composer(loader, master, group_dirs(None))
     for overrides, cfg in zip(sample, fast):
         assert cfg == full.point(overrides, fast=False), overrides

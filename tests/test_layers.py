@@ -1,11 +1,12 @@
-"""The project's modules form layers without cycles: the import graph of scaling/ and analysis/, read from their
-source with imports inside functions counted too, has no cycle."""
+"""The project's modules form layers without cycles: the import graph of scaling/, analysis/ and the Hydra plugins
+(hydra_plugins/dit_scaling), read from their source with imports inside functions counted too, has no cycle; and
+no module reaches into Hydra's or submitit's private internals."""
 
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("scaling", "analysis")
+PACKAGES = ("scaling", "analysis", "hydra_plugins")
 
 
 def module_name(path: Path) -> str:
@@ -60,7 +61,17 @@ def test_the_cycle_finder_finds_a_cycle_and_accepts_layers():
 
 def test_the_import_graph_has_no_cycle():
     graph = import_graph()
-    assert {"scaling.train", "scaling.config", "scaling.launch", "analysis.figures"} <= set(graph)
+    assert {"scaling.train", "scaling.config", "scaling.launch", "analysis.figures",
+            "hydra_plugins.dit_scaling.sweeper"} <= set(graph)
     assert "scaling.rundir" in graph["scaling.train"]  # imports are seen
     cycle = find_cycle(graph)
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_only_public_interfaces_of_hydra_and_submitit():
+    private = ("hydra._internal", "._sub_jobs", "._return_value", "_return_value=", "._executor")
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            text = path.read_text()
+            for name in private:
+                assert name not in text, f"{path.relative_to(ROOT)} uses {name}"

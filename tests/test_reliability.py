@@ -250,7 +250,7 @@ def test_results_reports_each_garbage_file_per_run(garbage_root, tmp_path):
 
 def test_launch_survives_garbage_status_files(garbage_root):
     from scaling.jobs import Point, point_state
-    from scaling.launch import largest_first
+    from hydra_plugins.dit_scaling.local_launcher import largest_first
 
     root, args, bad, odd = garbage_root
     points = [Point(a, config_from_overrides(a), "") for a in args]

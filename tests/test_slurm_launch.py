@@ -1,7 +1,10 @@
-"""The launcher on a live SLURM cluster (`sudo bash .ci/slurm.sh start`, docs/slurm.md): a 2x2 laptop grid through
-hydra/launcher=slurm reaches done with its evals (run as their own SLURM jobs); relaunching it submits nothing; a
-job preempted mid-run by USR2 is requeued, resumes, and ends with the weights of an uninterrupted run; a job the
-cluster requeues (scontrol requeue) is followed to its end; a two-task job trains one run with DDP."""
+"""The launcher on a live SLURM cluster (`sudo bash .ci/slurm.sh start`, docs/slurm.md): by default a grid is
+submitted and the launch returns (exit 4) while its jobs run; the training jobs submit their eval jobs, and the
+last job writes the results table and figures; the laptop study file runs unchanged on SLURM; with
+hydra.launcher.wait=true a 2x2 laptop grid reaches done with its evals (run as their own SLURM jobs); relaunching it
+submits nothing; a job preempted mid-run by USR2 is requeued, resumes, and ends with the weights of an
+uninterrupted run; a job the cluster requeues (scontrol requeue) is followed to its end; a two-task job trains one
+run with DDP."""
 
 import json
 import os
@@ -21,8 +24,9 @@ TINY = ["data.image_size=16", "data.max_images=256", "train.batch_img=8", "train
         "val.heldout_img=32"]
 # One CPU and a little memory per job: the test cluster is one 2-core node. timeout_min < 12.5 makes submitit count
 # every USR2 as a time limit, so max_num_timeout (20 in conf/hydra/launcher/slurm.yaml) must allow the requeue.
-SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
-         "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
+DETACHED = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+            "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
+SLURM = [*DETACHED, "hydra.launcher.wait=true"]  # the launch follows its jobs to the end
 
 
 def _cluster_problem() -> str | None:
@@ -77,6 +81,60 @@ def launch_until_training(overrides: list[str], output_root: Path, log: Path,
 def job_dirs(output_root: Path) -> set[str]:
     folder = output_root / "slurm" / ".submitit"
     return {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+
+
+def wait_for(predicate, timeout_s: float, what: str, poll_s: float = 2.0):
+    t0 = time.time()
+    while time.time() - t0 < timeout_s:
+        if predicate():
+            return time.time() - t0
+        time.sleep(poll_s)
+    raise AssertionError(f"{what} not within {timeout_s:.0f} s")
+
+
+def test_a_detached_grid_finishes_with_its_eval_jobs_and_analysis_and_no_launcher_alive(tmp_path):
+    """The launch returns while its jobs are queued or running; the training jobs submit their eval jobs; the
+    last job to end writes results.csv and the figures; scaling.status follows it all from outside."""
+    argv = ["-m", "model=laptop_s,laptop_b", "patch=8", *TINY, "train.ckpt_every=3", "train.steps=6",
+            "eval.inline=false", "eval.num_samples=16", "eval.num_ref=64", "eval.sampling_steps=5",
+            "eval.batch_size=16", "analyze=true", f"output_root={tmp_path}", *DETACHED]
+    t0 = time.time()
+    first = launch(*argv, timeout=120)
+    launch_s = time.time() - t0
+    assert first.returncode == 4, first.stdout + first.stderr[-3000:]  # 4: submitted, not finished
+    assert launch_s < 30 and "follow the study with: python -m scaling.status" in first.stdout
+    train_jobs = re.findall(r"^\[launch\] job (\S+): ", first.stdout, re.M)
+    assert len(train_jobs) == 2 and first.stdout.count("(submitted)") == 2, first.stdout
+    status = subprocess.run([sys.executable, "-m", "scaling.status", str(tmp_path)], capture_output=True, text=True,
+                            cwd=ROOT, timeout=60)
+    assert status.returncode == 0 and status.stdout.count("laptop_") == 2, status.stdout  # every point, queued too
+    table = tmp_path / "analysis" / "results.csv"
+    wall_s = wait_for(table.is_file, 400, "results.csv from the last job") + launch_s
+    wait_for(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), 60,
+             "an empty queue")
+    runs = [RunDir(p) for p in sorted((tmp_path / "runs").iterdir())]
+    assert len(runs) == 2
+    for run in runs:
+        assert read_status(run)["state"] == "done" and sorted(r["step"] for r in read_jsonl(run.evals)) == [3, 6]
+        eval_jobs = read_jsonl(run.path / "eval_jobs.jsonl")  # submitted by the training job, not by a launcher
+        assert eval_jobs and sorted(s for r in eval_jobs for s in r["steps"]) == [3, 6]
+        assert read_jsonl(run.launches)[0]["slurm_job"] in train_jobs  # the run names the job and launch it came from
+    assert (tmp_path / "analysis" / "fig6_fid_vs_steps.png").is_file()
+    (record,) = (tmp_path / "launches").glob("*/launch.json")
+    assert (record.parent / "analyzed.json").is_file() and (record.parent / "multirun.yaml").is_file()
+    again = launch(*argv, timeout=120)  # everything done: nothing submitted, exit 0
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 2, again.stdout + again.stderr
+    print(f"detached grid: launch returned in {launch_s:.1f} s; results after {wall_s:.0f} s")
+
+
+@pytest.mark.slow
+def test_the_laptop_study_file_runs_unchanged_on_slurm(tmp_path):
+    """sweeps/laptop.yaml sets the local pool's keys (parallel, threads_per_job): SLURM takes the file as it is."""
+    proc = launch("--config-name", "laptop", "-m", "model=laptop_s", "patch=8", *TINY, "train.steps=4",
+                  "train.ckpt_every=2", "val.every=2", "eval.num_samples=16", "eval.num_ref=64",
+                  "eval.sampling_steps=2", "eval.batch_size=16", f"output_root={tmp_path}", *SLURM, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.strip().endswith(": done")
 
 
 def test_grid_reaches_done_with_evals_and_a_relaunch_submits_nothing(tmp_path):
