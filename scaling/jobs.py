@@ -16,7 +16,7 @@ from scaling.checkpoint import DiskFull
 from scaling.config import RunConfig, run_dir_for
 from scaling.evaluate import evaluate_checkpoint, missing_evals
 from scaling.rundir import LeaseLost, RunDir, RunLocked, lease_is_live, read_lease, read_status, write_status
-from scaling.train import train
+from scaling.train import mirror_eval, train
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNFINISHED = 1, 2, 3
 
@@ -104,7 +104,7 @@ def evaluate_missing(cfg: RunConfig) -> int:
     steps = missing_evals(run_path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps)
     for step in steps:
         print(f"[launch] evaluating {run_path.name} step {step} ({cfg.eval.num_samples} samples)", flush=True)
-        evaluate_checkpoint(run_path, step, cfg.eval, device)
+        mirror_eval(cfg, evaluate_checkpoint(run_path, step, cfg.eval, device))  # into the run's wandb history
     return len(steps)
 
 
