@@ -18,6 +18,7 @@ Nothing here fails a run: a wandb call that raises (its service dies with the si
 once on stderr and the mirror stops for the process. No API key is ever written by this module.
 """
 
+import errno
 import fcntl
 import os
 import sys
@@ -45,7 +46,11 @@ def reserve_steps(counter: Path, at_least: int, n: int = STEP_BLOCK) -> int:
     counter.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(counter, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without POSIX locks: unguarded, as scaling.rundir's lease falls back
+            if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
         text = os.read(fd, 64).decode("ascii", errors="replace").strip()
         start = max(int(text) if text.isdigit() else 0, at_least)
         os.lseek(fd, 0, os.SEEK_SET)
