@@ -20,7 +20,7 @@ from scaling.checkpoint import DiskFull
 from scaling.config import RunConfig, run_dir_for
 from scaling.evaluate import evaluate_checkpoint, missing_evals, setting_key
 from scaling.rundir import LeaseLost, RunDir, RunLocked, lease_is_live, read_lease, read_status, write_status
-from scaling.train import train
+from scaling.train import mirror_eval, train
 
 # Exit codes of `python -m scaling.launch` (docs/launching.md).
 EXIT_DONE, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_UNFINISHED, EXIT_SUBMITTED = 0, 1, 2, 3, 4
@@ -115,7 +115,7 @@ def evaluate_missing(cfg: RunConfig, only: list[int] | None = None) -> int:
              if only is None or s in only]
     for step in steps:
         print(f"[launch] evaluating {run_path.name} step {step} ({cfg.eval.num_samples} samples)", flush=True)
-        evaluate_checkpoint(run_path, step, cfg.eval, device)
+        mirror_eval(cfg, evaluate_checkpoint(run_path, step, cfg.eval, device))  # into the run's wandb history
     return len(steps)
 
 

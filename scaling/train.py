@@ -26,8 +26,8 @@ from scaling.config import (DEVICES, PRECISIONS, RunConfig, build_model_for, con
                             make_plan, run_dir_for, validate)
 from scaling.diffusion import Diffusion, sample
 from scaling.evaluate import evaluate_checkpoint, missing_evals
-from scaling.rundir import (Lease, LeaseLost, RunDir, append_jsonl, atomic_write_text, clean_temporary, read_status,
-                            repair_jsonl, write_json, write_status)
+from scaling.rundir import (Lease, LeaseLost, RunDir, append_jsonl, atomic_write_text, clean_temporary, read_json,
+                            read_status, repair_jsonl, write_json, write_status)
 from scaling.signals import StopSignals, stop_signals
 from scaling.tracking import Tracker
 from scaling.valloss import split_heldout
@@ -240,7 +240,7 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
         del ckpt
     if rank == 0:
         repair_jsonl(run.metrics, step)  # steps after the checkpoint are replayed and logged again
-    tracker = Tracker(cfg.wandb, run.run_id, cfg.sweep, run.path, config_to_dict(cfg), plan, rank)
+    tracker = run_tracker(cfg, run, plan, rank)
 
     def checkpoint_and_eval(step, img_seen, evals: bool):
         if bad := non_finite({"model": model.state_dict(), "ema": ema.state_dict()}):  # every rank: all stop
@@ -398,14 +398,30 @@ def _quietly(action) -> None:
         print(f"[train] ignored while stopping: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
 
+def run_tracker(cfg: RunConfig, run: RunDir, plan: dict | None = None, rank: int = 0) -> Tracker:
+    """The run's wandb mirror (scaling.tracking), for its training job and for an eval job (plan from plan.json)."""
+    return Tracker(cfg.wandb, run.run_id, cfg.sweep, run.path, config_to_dict(cfg),
+                   read_json(run.plan, {}) if plan is None else plan, rank)
+
+
+def mirror_eval(cfg: RunConfig, row: dict) -> dict:
+    """Log an evals.jsonl row to the run's wandb history from a process without a tracker of the run (an eval job);
+    returns the row."""
+    tracker = run_tracker(cfg, run_dir_for(cfg))
+    try:
+        tracker.log_eval(row)
+    finally:
+        tracker.finish()
+    return row
+
+
 def _scheduled_evals(cfg, run, ema, plan, device, step, tracker) -> None:
     """Inline evals (local runs): this checkpoint, or every checkpoint lacking an eval when step is None."""
     if not cfg.eval.inline:
         return
     todo = missing_evals(run.path, cfg.eval, cfg.train.ckpt_every, cfg.train.steps)
     for s in todo if step is None else [s for s in todo if s == step]:
-        row = evaluate_checkpoint(run.path, s, cfg.eval, device=device)
-        tracker.summary({k: v for k, v in row.get("metrics", {}).items()})
+        tracker.log_eval(evaluate_checkpoint(run.path, s, cfg.eval, device=device))
 
 
 def format_duration(seconds: float) -> str:
