@@ -15,7 +15,11 @@ STEP_BLOCK, under a file lock), so a killed process loses at most the rest of it
 used. `wandb sync <run>/wandb` then uploads the folders in order of start time into one run (docs/slurm.md).
 
 Nothing here fails a run: a wandb call that raises (its service dies with the signal of a requeue) is reported
-once on stderr and the mirror stops for the process. No API key is ever written by this module.
+once on stderr and the mirror stops for the process. The rows such a process logged may be lost with its service
+(SLURM signals every process of the job, wandb's too): `<run>/wandb/mirrored_through` holds the last training step
+of a process whose wandb session ended cleanly, and the next attempt replays the metrics.jsonl rows after it
+(`replay`), so the history holds every step (a row the killed service did write may appear twice).
+No API key is ever written by this module.
 """
 
 import errno
@@ -26,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from scaling.results import train_flops
-from scaling.rundir import read_jsonl
+from scaling.rundir import atomic_write_text, read_jsonl
 
 MODES = ("offline", "online", "disabled")
 STEP_BLOCK = 1000  # wandb _step values a process reserves at once (one locked write of the counter per block)
@@ -89,6 +93,7 @@ class Tracker:
             settings=wandb.Settings(silent=True, console="off"),
         )
         self._next_step = self._end_step = 0
+        self.logged_through = 0  # the last training step this process logged
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")  # every panel's x axis: the training step
         self.summary({k: plan[k] for k in ("params", "gflops_per_img", "tokens", "model", "patch", "block", "family")
@@ -120,6 +125,22 @@ class Tracker:
         if self.run is not None:
             self._log({**{k: v for k, v in row.items() if isinstance(v, (int, float))},
                        "train_flops": self._train_flops(int(row["step"]))})
+            self.logged_through = max(self.logged_through, int(row["step"]))
+
+    def replay(self, up_to_step: int) -> int:
+        """Log the metrics.jsonl rows that no clean wandb session has mirrored (after `mirrored_through`, up to the
+        step training resumes from): those of an attempt whose wandb service died with it. The rows logged."""
+        if self.run is None:
+            return 0
+        marker = self.run_dir / "wandb" / "mirrored_through"
+        text = marker.read_text().strip() if marker.is_file() else "0"
+        done = int(text) if text.isdigit() else 0
+        rows = [r for r in read_jsonl(self.run_dir / "metrics.jsonl")
+                if isinstance(r.get("step"), int) and done < r["step"] <= up_to_step]
+        for row in rows:
+            self.log(row)
+        self.logged_through = max(self.logged_through, done)
+        return len(rows)
 
     def log_eval(self, row: dict) -> None:
         """An evals.jsonl row: its named metrics at its step (and img_seen, train_flops), whenever it comes; the
@@ -139,12 +160,16 @@ class Tracker:
                 self._stop(e)
 
     def finish(self) -> None:
+        clean = self._failed is None
         run, self.run, self._failed = self.run or self._failed, None, None
         if run is not None:
             try:
                 run.finish()
             except Exception as e:  # noqa: BLE001 - e.g. wandb's service died with the signal
                 print(f"[wandb] finish failed, ignored: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                return
+            if clean and self.logged_through:  # every training step up to here reached wandb's files
+                atomic_write_text(self.run_dir / "wandb" / "mirrored_through", f"{self.logged_through}\n")
 
     def _stop(self, error: Exception) -> None:
         print(f"[wandb] {type(error).__name__}: {error}; wandb logging stops here for this process (metrics.jsonl "

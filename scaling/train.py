@@ -241,6 +241,7 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
     if rank == 0:
         repair_jsonl(run.metrics, step)  # steps after the checkpoint are replayed and logged again
     tracker = run_tracker(cfg, run, plan, rank)
+    tracker.replay(step)  # rows an earlier attempt logged to a wandb service that died with it
 
     def checkpoint_and_eval(step, img_seen, evals: bool):
         if bad := non_finite({"model": model.state_dict(), "ema": ema.state_dict()}):  # every rank: all stop

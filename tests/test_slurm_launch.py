@@ -199,13 +199,27 @@ def test_preempted_job_is_requeued_and_ends_with_the_uninterrupted_weights(tmp_p
 
 def test_job_requeued_by_the_cluster_is_followed_to_the_end(tmp_path):
     """`scontrol requeue` (what PreemptMode=REQUEUE does): SIGTERM, training saves and returns, SLURM restarts the
-    job; the launch must follow the next attempt instead of reporting the first one's "preempted"."""
-    overrides = ["model=laptop_s", "patch=8", *TINY, "train.steps=800", "train.ckpt_every=100000",
+    job; the launch must follow the next attempt instead of reporting the first one's "preempted". With wandb
+    offline (the laptop default): the signal path never fails the run, the weights are those of an uninterrupted
+    run, and the offline folders of the two attempts hold every step once, in one wandb run."""
+    from test_tracking import read_attempts
+
+    tiny = [o for o in TINY if not o.startswith("wandb=")]
+    overrides = ["model=laptop_s", "patch=8", *tiny, "wandb=offline", "train.steps=800", "train.ckpt_every=100000",
                  "eval.inline=false", "eval.every_ckpt=1000", f"output_root={tmp_path}"]
     log = tmp_path / "launch.log"
     t0 = time.time()
-    proc, job_id = launch_until_training(overrides, tmp_path, log)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "scaling.launch", "-m", *overrides, *SLURM], cwd=ROOT,
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
     try:
+        job_id = None
+        wait_for(lambda: (job_id or re.search(r"^\[launch\] job (\S+): ", log.read_text(), re.M)) and
+                 sum(len(read_jsonl(p)) for p in tmp_path.glob("runs/*/metrics.jsonl")) >= 30, 180,
+                 "30 steps logged", poll_s=0.2)
+        job_id = re.search(r"^\[launch\] job (\S+): ", log.read_text(), re.M)[1]
         subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         assert proc.wait(timeout=300) == 0, log.read_text()
     finally:
@@ -215,6 +229,17 @@ def test_job_requeued_by_the_cluster_is_followed_to_the_end(tmp_path):
     run = run_dir_for(config_from_overrides(overrides))
     assert read_status(run)["state"] == "done"
     assert [r["step"] for r in read_jsonl(run.metrics)] == list(range(1, 801))
+    reference = config_from_overrides([*overrides[:-1], f"output_root={tmp_path / 'straight'}", "wandb=disabled"])
+    assert train(reference)["state"] == "done"  # the same run, uninterrupted, in this process (one thread)
+    a, b = load_checkpoint(checkpoint_path(run, 800)), load_checkpoint(checkpoint_path(run_dir_for(reference), 800))
+    for key in ("model", "ema"):
+        assert all(a[key][k].equal(b[key][k]) for k in a[key]), key
+    attempts = read_attempts(run.path)
+    # one wandb run: a folder per training attempt and one of the eval job (the final step's FD-500)
+    assert len(attempts) == 3 and all(x["run"].run_id == run.run_id for x in attempts), [x["file"] for x in attempts]
+    logged = [r["step"] for x in attempts for r in x["history"] if "loss" in r]
+    assert sorted(set(logged)) == list(range(1, 801)), (len(logged), logged[:5])  # every step, across the requeue
+    assert [r["step"] for x in attempts for r in x["history"] if "fd500_domain" in r] == [800]
     print(f"requeued run: {time.time() - t0:.0f} s")
 
 
