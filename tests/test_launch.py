@@ -149,7 +149,7 @@ def test_dry_run_of_the_paper_sweep_matches_table_4(tmp_path, capsys, monkeypatc
         assert float(cells[2]) == pytest.approx(float(ref["gflops"]), rel=0.01), cells     # Gflops
         assert float(cells[1].rstrip("M")) == pytest.approx(float(ref["params_m"]), rel=0.01), cells
         assert int(cells[3]) == int(ref["tokens"]) and cells[4:7] == ["256", "x", "400000"] and cells[-1] == "new"
-    assert "12 points, 12 runs (12 new)" in out and "assuming 40% of an H100" in out
+    assert "12 points, 12 runs (12 new)" in out and "Assuming 40% of an H100" in out
     assert not out_root.exists()  # a dry run writes nothing
 
 
@@ -175,6 +175,17 @@ def test_gpu_hours_follow_the_stated_assumption():
     assert row["train_flops"] == pytest.approx(flops)
     assert row["gpu_hours"] == pytest.approx(2 * flops / (989e12 * 0.40) / 3600)
     assert 30 < row["gpu_hours"] < 80  # DiT-XL/2 for 400K steps at batch 256: days of one H100, not weeks
+    # FID-50K at each of the 8 scheduled checkpoints: 50K samples x 250 DDPM steps of DiT-XL/2 forwards
+    assert row["evals"] == 8
+    assert row["eval_gpu_hours"] == pytest.approx(2 * 8 * 50_000 * 250 * row["gflops_per_img"] * 1e9 / (989e12 * 0.4)
+                                                  / 3600)
+    # every checkpoint keeps weights, EMA and AdamW's moments (16 bytes a parameter); each eval a 50K x 256^2 x 3 npz
+    assert row["disk_bytes"] == 8 * row["params"] * 16 + 8 * 50_000 * 256 * 256 * 3
+    assert 9.8e9 < 50_000 * 256 * 256 * 3 < 9.9e9  # the issue's ~9.8 GB per FID-50K sample file
+    slurm_row = plan_rows([Point([], cfg, "x")], {"timeout_min": 1440, "gpus_per_node": 1, "nodes": 1})[0]
+    assert slurm_row["job_hours"] == pytest.approx(row["gpu_hours"]) and slurm_row["requeues"] == 2  # 51 h / 24 h
+    eight = plan_rows([Point([], cfg, "x")], {"timeout_min": 1440, "gpus_per_node": 8, "nodes": 1})[0]
+    assert eight["requeues"] == 0
 
 
 def test_point_state_from_the_run_directory(tmp_path):

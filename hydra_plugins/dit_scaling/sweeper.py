@@ -86,7 +86,9 @@ class GridSweeper(Sweeper):
             print(f"error: {one_line_error(e, list(arguments))}", file=sys.stderr, flush=True)
             raise LaunchExit(EXIT_BAD_INPUT) from None
         if any(p.cfg.dry_run for p in points):
-            print(format_plan(plan_rows(points)), flush=True)
+            launcher = OmegaConf.to_container(self.config.hydra.launcher, resolve=True)
+            print(format_plan(plan_rows(points, launcher if launcher_kind(self.config.hydra.launcher) == "slurm"
+                                        else None)), flush=True)
             return []
         stop = active()
         if stop is not None:  # a launch of many jobs: Ctrl-C and SIGTERM are this process's own again (the pool)
