@@ -30,7 +30,8 @@ from scaling.rundir import append_jsonl, load_json, read_jsonl, write_json
 from scaling.squeue import SLURM_ENDED, SLURM_LIVE, slurm_state, slurm_states
 
 EVAL_POLL_S = 60.0               # how often a training job (or a waiting launch) looks for checkpoints to evaluate
-JOB_POLL_S = 5.0                 # how often a waiting launch checks whether a job is over
+JOB_POLL_S = 5.0                 # how often a waiting launch looks for its jobs' result files (no scheduler call)
+SQUEUE_S = 60.0                  # how often it asks SLURM (one squeue call for all its jobs) which ended without one
 # keys of hydra.launcher that are the project's (scaling.config.SlurmLauncherConfig), not submitit's
 PROJECT_KEYS = ("wait", "evals_from_jobs", "eval_timeout_min", "eval_gpus_per_node", "eval_cpus_per_task",
                 "eval_mem_gb", "parallel", "threads_per_job", "_target_")
@@ -194,11 +195,15 @@ class EvalJobs:
         self.submitted = {}   # (run_id, setting) -> steps sent to the last job
         self.failed = {}      # run_id -> error
         self.lock = threading.Lock()
+        self.states, self.asked = {}, float("-inf")  # what squeue said of the jobs in flight, and when
 
     def poll(self) -> None:
         with self.lock:
+            flying = [str(job.job_id) for _, _, job in self.in_flight.values() if not job.done()]
+            if flying and time.monotonic() - self.asked >= SQUEUE_S:  # one squeue call a minute, at most
+                self.states, self.asked = slurm_states(flying), time.monotonic()
             for run_id, (key, steps, job) in list(self.in_flight.items()):
-                if job_ended(job):
+                if job_ended(job, self.states):
                     del self.in_flight[run_id]
                     self._collect(run_id, job)
             for p in self.points:
@@ -261,10 +266,13 @@ class EvalJobs:
 
 def submit_and_wait(jobs_by_point: dict) -> dict[str, str]:
     """Wait on every submitted job even when one fails, so that a crash in one run does not hide the others;
-    {run_id: outcome}. A job that SLURM requeues (scontrol requeue, preemption) is followed to its end."""
-    outcomes, pending = {}, dict(jobs_by_point)
+    {run_id: outcome}. A job that SLURM requeues (scontrol requeue, preemption) is followed to its end. Result
+    files are looked for every JOB_POLL_S; SLURM is asked once every SQUEUE_S, one squeue call for all jobs."""
+    outcomes, pending, states, asked = {}, dict(jobs_by_point), {}, 0.0
     while pending:
-        for job in [j for j in pending if job_ended(j)]:
+        if time.monotonic() - asked >= SQUEUE_S:  # the scheduler: once a minute, one call for every job
+            states, asked = slurm_states([str(j.job_id) for j in pending]), time.monotonic()
+        for job in [j for j in pending if job_ended(j, states)]:
             try:
                 outcome = job_outcome(job_result(job))
             except Exception as e:  # noqa: BLE001 - killed, out of memory, node lost: the run dir keeps its state
@@ -292,11 +300,15 @@ def requeued(job, settle_s: float = 60.0) -> bool:
     return state in ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "SUSPENDED")
 
 
-def job_ended(job) -> bool:
+def job_ended(job, states: dict[str, str] | None = None) -> bool:
     """Whether a submitit job is over: its result file is there, or SLURM says it ended without one (cancelled,
-    killed, out of memory). submitit alone learns the latter from sacct, which a cluster without accounting
-    (the test cluster, docs/slurm.md) lacks, and would wait forever."""
-    return job.done() or slurm_state(job.job_id) in SLURM_ENDED | {"GONE"}
+    killed, out of memory; from `states`, one squeue call for many jobs, or scontrol for this one). submitit alone
+    learns the latter from sacct, which a cluster without accounting (the test cluster, docs/slurm.md) lacks, and
+    would wait forever."""
+    if job.done():
+        return True
+    state = states.get(str(job.job_id)) if states is not None else slurm_state(job.job_id)
+    return state in SLURM_ENDED | {"GONE"}
 
 
 def job_result(job):

@@ -418,6 +418,7 @@ class FakeExecutor:
 @pytest.fixture
 def slurm_says_running(monkeypatch):
     monkeypatch.setattr(slurm, "slurm_state", lambda job_id: "RUNNING")
+    monkeypatch.setattr(slurm, "slurm_states", lambda job_ids: {j: "RUNNING" for j in job_ids})
 
 
 def test_eval_jobs_one_at_a_time_per_run_until_every_checkpoint_has_its_eval(tmp_path, slurm_says_running):
