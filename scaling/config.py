@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from scaling.data import DataConfig, describe
 from scaling.diffusion import DiffusionConfig
-from scaling.flops import closed_form_gflops, closed_form_params, count_params, gflops_per_img
+from scaling.flops import closed_form_gflops, closed_form_params, count_params, gflops_per_img, train_flops
 from scaling.models import BLOCKS, MODELS, ModelConfig, build_model
 from scaling.rundir import RunDir
 from scaling.tracking import MODES as WANDB_MODES
@@ -248,12 +248,10 @@ def budget_steps(cfg: RunConfig) -> int:
     project's one FLOP convention solved for steps, rounded to the nearest step (at least 1). Gflops come from the
     closed form (no model is built; within 0.5% of fvcore's count, which plan.json's train_flops uses), so the
     plan's train_flops can differ from the budget by that and by the rounding; the plan shows both."""
-    from scaling.flops import closed_form_gflops
-
     spec = data_spec(cfg.data, require_data=False)
     g = closed_form_gflops(cfg.model.name, cfg.patch, spec["input_size"], spec["in_channels"], block=cfg.block,
                            learn_sigma=cfg.model.learn_sigma)
-    return max(1, round(cfg.train.budget_flops / (g * 1e9 * cfg.train.batch_img * 3)))
+    return max(1, round(cfg.train.budget_flops / train_flops(g, cfg.train.batch_img, 1)))
 
 
 def make_plan(cfg: RunConfig, device: str = "cpu", world_size: int = 1, count: str = "fvcore") -> dict:
@@ -282,7 +280,7 @@ def make_plan(cfg: RunConfig, device: str = "cpu", world_size: int = 1, count: s
         "gflops_per_img": float(gflops), "gflops_counter": count, "tokens": (spec["input_size"] // cfg.patch) ** 2,
         "batch_img": tc.batch_img, "steps": tc.steps, "img_total": tc.batch_img * tc.steps,
         "budget_flops": tc.budget_flops or None,
-        "train_flops": float(gflops) * 1e9 * tc.batch_img * tc.steps * 3,
+        "train_flops": train_flops(float(gflops), tc.batch_img, tc.steps),
         "dataset": cfg.data.name, "resolution": cfg.data.image_size, "heldout_img": cfg.val.heldout_img, **spec,
         "device": device, "world_size": world_size,
     }

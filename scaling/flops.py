@@ -21,6 +21,13 @@ from torch import nn
 
 from scaling.models import BLOCKS, MODELS, build_model, check_model_args
 
+
+def train_flops(gflops_per_img, batch_img, step):
+    """Training compute in FLOPs, the project's one convention (paper Fig. 9): gflops_per_img x 1e9 x batch_img x
+    step x 3 (forward and backward ~ 3 forwards; one multiply-add counted as one flop, as Gflops are)."""
+    return gflops_per_img * 1e9 * batch_img * step * 3
+
+
 PATCHES = (8, 4, 2)                 # the paper's grid, in the order of Table 4
 FREQUENCY_EMBEDDING_SIZE = 256      # sinusoidal timestep features fed to the timestep MLP (models.TimestepEmbedder)
 CROSS_TOKENS = 2                    # [embed(t), embed(y)], the cross-attention block's conditioning sequence

@@ -24,10 +24,12 @@ if __name__ == "__main__":  # `python -m scaling.launch`: stop signals are recor
     install_early()            # (the only statement between imports: a job stopped while starting still saves)
 
 import os
+import string
 import traceback
 from typing import Any
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
@@ -37,7 +39,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scaling.config import CONF_DIR, config_from_dict, register_configs, run_dir_for, run_id, validate
-from scaling.grid import check_config_name, check_placement, grid_overrides, launcher_kind, one_line_error
+from scaling.grid import (check_config_name, check_placement, grid_overrides, group_dirs, launcher_kind,
+                          one_line_error)
 from scaling.jobs import (EXIT_BAD_INPUT, EXIT_DONE, EXIT_FAILED, LaunchExit, Point, analyze, hydra_dir, run_point,
                           run_single)
 from scaling.plan import format_plan, plan_rows
@@ -127,12 +130,44 @@ def flags_first(argv: list[str]) -> list[str]:
     return flags + rest
 
 
+def app_help(argv: list[str]) -> str:
+    """`--help`: the template of conf/hydra/help/dit_scaling.yaml filled as Hydra fills it ($APP_CONFIG_GROUPS,
+    $CONFIG with the command line's overrides), without Hydra's listing of every group, which composes each one
+    (~1 s of a 2-core machine, more than the rest of the answer)."""
+    name, config_dir = config_name_of(argv)
+    overrides = [a for a in flags_first(argv) if not a.startswith("-") and "=" in a]
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(name or "config", overrides=overrides)
+    groups = {}
+    for root in group_dirs(config_dir):
+        for d in sorted(p for p in root.iterdir() if p.is_dir() and p.name != "hydra"):
+            groups.setdefault(d.name, set()).update(f.stem for f in d.glob("*.yaml"))
+    listing = "\n".join(f"{g}: {', '.join(sorted(opts))}" for g, opts in sorted(groups.items()) if opts)
+    help_cfg = OmegaConf.to_container(OmegaConf.create({"hydra": {"help": OmegaConf.load(
+        CONF_DIR / "hydra" / "help" / "dit_scaling.yaml")}}), resolve=True)["hydra"]["help"]
+    text = help_cfg["template"].replace("${hydra.help.header}", help_cfg["header"]).replace(
+        "${hydra.help.footer}", help_cfg["footer"])
+    return string.Template(text).safe_substitute(APP_CONFIG_GROUPS=listing, CONFIG=OmegaConf.to_yaml(
+        cfg, resolve="--resolve" in argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m scaling.launch ARGS` (and `dit-launch`): Hydra's command line, the project's exit codes. What
     Hydra or OmegaConf reject while composing (an unknown key, group option or override syntax) ends as one line
     naming it, exit 2; the project's own checks end the same way from the sweeper or CheckFirst."""
     argv = sys.argv[1:] if argv is None else list(argv)
     full_error = os.environ.get("HYDRA_FULL_ERROR")
+    if any(a in ("-h", "--help") for a in argv):
+        try:
+            print(app_help(argv))
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            print(f"error: {one_line_error(e, argv)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        finally:
+            GlobalHydra.instance().clear()
+        return EXIT_DONE
     name, config_dir = config_name_of(argv)
     if name is not None and not any(a in ("-h", "--help", "--hydra-help") for a in argv):
         try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from scaling.flops import train_flops
 from scaling.rundir import RunDir, load_json, read_jsonl, read_jsonl_checked, read_status
 from scaling.valloss import with_val_rows
 
@@ -60,11 +61,6 @@ def metric_label(feature_extractor, num_samples) -> str:
     if feature_extractor == "inception":
         return f"FID-{n} (Inception)"
     return f"FD-{n} ({feature_extractor} features)"
-
-
-def train_flops(gflops_per_img, batch_img, step):
-    """Training compute in FLOPs (paper Fig. 9): gflops_per_img x 1e9 x batch_img x step x 3."""
-    return gflops_per_img * 1e9 * batch_img * step * 3
 
 
 # ----------------------------------------------------------------------------- reading run directories

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from scaling.results import train_flops
+from scaling.flops import train_flops
 from scaling.rundir import atomic_write_text, read_jsonl
 
 MODES = ("offline", "online", "disabled")

@@ -17,7 +17,7 @@ from scaling.checkpoint import list_steps
 from scaling.config import config_from_overrides, run_dir_for
 from scaling.evaluate import metric_name, setting_key
 from scaling.jobs import evaluate_missing
-from scaling.results import train_flops
+from scaling.flops import train_flops
 from scaling.rundir import append_jsonl, read_json, read_status
 from scaling.tracking import STEP_BLOCK, latest_eval_metrics, reserve_steps
 from scaling.train import train
