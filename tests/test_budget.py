@@ -1,5 +1,7 @@
 """Compute budgets as horizons (train.budget_flops) and the isoFLOP sweep's plan."""
 
+import re
+
 import pytest
 
 from helpers import run_launch
@@ -32,10 +34,11 @@ def test_isoflop_sweep_plan(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert "24 points, 8 runs" in lines[-1]
-    rows = [ln.split() for ln in lines[1:-1]]
+    head = re.split(r"\s{2,}", lines[0].strip())
+    rows = [re.split(r"\s{2,}", ln.strip()) for ln in lines[1:-1]]
     budgets = {b: set() for b in (3e11, 1e12, 3e12)}
     for row in rows:
-        flops = float(row[-3])
+        flops = float(row[head.index("train_flops")])
         b = min(budgets, key=lambda b: abs(flops / b - 1))
         assert abs(flops / b - 1) < 0.035  # rounding to whole steps: 15 steps of laptop-XL/2 at 3e11
         budgets[b].add(row[0])
