@@ -190,10 +190,10 @@ def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
     for p in points:
         p.state = point_state(p.cfg)
         note = outcomes.get(p.run_id, "")
-        if p.state == "failed" or p.run_id in eval_errors or note.startswith("failed"):
-            failed = True
-        elif p.state != "done" and note.startswith("submitted"):
+        if p.state != "done" and note.startswith("submitted"):  # e.g. a failed run resubmitted: it resumes
             submitted = True
+        elif p.state == "failed" or p.run_id in eval_errors or note.startswith("failed"):
+            failed = True
         elif p.state != "done":
             unfinished = True
         extra = eval_errors.get(p.run_id) or (note.removeprefix("failed: ") if note and note != p.state else "")
@@ -202,8 +202,9 @@ def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
     return EXIT_FAILED if failed else EXIT_SUBMITTED if submitted else EXIT_UNFINISHED if unfinished else EXIT_DONE
 
 
-def analyze(output_root: str) -> None:
-    """The results table and the figures of the output root, in <output_root>/analysis/ (where installed)."""
+def analyze(output_root: str) -> bool:
+    """The results table and the figures of the output root, in <output_root>/analysis/ (where installed); whether
+    every step succeeded."""
 
     out = Path(output_root) / "analysis"
     table = out / "results.csv"
@@ -213,8 +214,9 @@ def analyze(output_root: str) -> None:
     for module, argv in steps:
         if importlib.util.find_spec(module) is None:
             print(f"[launch] analyze: {module} is not available; skipped", flush=True)
-            return
+            return False
         rc = subprocess.call([sys.executable, "-m", module, *argv])
         if rc:
             print(f"[launch] analyze: python -m {module} exited {rc}", flush=True)
-            return
+            return False
+    return True

@@ -34,14 +34,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from scaling.config import CONF_DIR, config_from_dict, register_configs, run_dir_for, run_id, validate
 from scaling.grid import (check_config_name, check_placement, grid_overrides, group_dirs, launcher_kind,
                           one_line_error)
-from scaling.jobs import (EXIT_BAD_INPUT, EXIT_DONE, EXIT_FAILED, LaunchExit, Point, analyze, hydra_dir, run_point,
+from scaling.jobs import (EXIT_BAD_INPUT, EXIT_DONE, EXIT_FAILED, LaunchExit, Point, analyze, hydra_dir, point_state,
                           run_single)
 from scaling.plan import format_plan, plan_rows
 from scaling.provenance import record_launch
@@ -78,23 +77,25 @@ class CheckFirst(Callback):
             print(f"error: {one_line_error(e, list(config.hydra.overrides.task))}", file=sys.stderr, flush=True)
             raise LaunchExit(EXIT_BAD_INPUT) from None
         if point.cfg.dry_run:
+            point.state = point_state(point.cfg)
             print(format_plan(plan_rows([point])), flush=True)
             raise LaunchExit(EXIT_DONE)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def app(task_cfg: DictConfig) -> Any:
-    """One grid point in this process: `python -m scaling.launch` without -m, and each job of the local pool."""
+    """One grid point in this process: `python -m scaling.launch` without -m, and each job of the local pool
+    (SLURM jobs run scaling.slurm.slurm_task)."""
     cfg = OmegaConf.to_object(task_cfg)
-    if HydraConfig.get().mode == RunMode.MULTIRUN:  # another sweeper running this app in-process: a job
-        return run_point(cfg)
-    record_launch(run_dir_for(cfg).create(), hydra_dir())
+    rank0 = int(os.environ.get("RANK") or 0) == 0  # under torchrun, one process records and analyses
+    if rank0:
+        record_launch(run_dir_for(cfg).create(), hydra_dir())
     try:
         code = run_single(Point(list(HydraConfig.get().overrides.task), cfg, run_id(cfg)))
     except Exception:  # noqa: BLE001 - a fault the job could not name: its traceback, exit 1 (not "bad input")
         traceback.print_exc()
         raise LaunchExit(EXIT_FAILED) from None
-    if cfg.analyze and code == EXIT_DONE:
+    if cfg.analyze and code == EXIT_DONE and rank0:
         analyze(cfg.output_root)
     if code:
         raise LaunchExit(code)

@@ -233,11 +233,31 @@ def clean_temporary(run: "RunDir", stale_s: float = LEASE_STALE_S) -> list[Path]
 # ----------------------------------------------------------------------------- status
 
 
+_JOB_LABEL: dict[int, str | None] = {}
+
+
 def slurm_job_label() -> str | None:
     """This process's SLURM job as squeue and scancel name it: `<array job>_<task>` for an array task (whose
-    SLURM_JOB_ID is a number of its own: `scancel <that>` would name another job), else SLURM_JOB_ID."""
-    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+    SLURM_JOB_ID is a number of its own: `scancel <that>` would name another job), else SLURM_JOB_ID. Read once per
+    process (a thread that submits an eval job hides the SLURM_* variables for a moment)."""
+    if os.getpid() not in _JOB_LABEL:
+        array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+        _JOB_LABEL[os.getpid()] = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+    return _JOB_LABEL[os.getpid()]
+
+
+def launched_points(output_root) -> tuple[dict[str, dict], list[str] | None]:
+    """{run_id: its point in the newest launch record that names it}, and the newest launch's command line."""
+    points, argv = {}, None
+    for record in sorted(Path(output_root).glob("launches/*/launch.json")):
+        data, _ = load_json(record)
+        if not isinstance(data, dict):
+            continue
+        argv = data.get("argv") or argv
+        for p in data.get("points") or []:
+            if isinstance(p, dict) and p.get("run_id"):
+                points[p["run_id"]] = p
+    return points, argv
 
 
 def write_status(run: RunDir, state: str, step: int, error: str | None = None, **extra) -> None:

@@ -54,6 +54,10 @@ class StopSignals:
 
 _ACTIVE: list[StopSignals] = []
 
+# Held while a thread alters os.environ (an eval job submitted from a training job, without the job's SLURM_*):
+# the training loop takes it before handing a stop signal to submitit's requeue handler, which reads them.
+ENVIRONMENT = threading.Lock()
+
 
 def install_early() -> StopSignals:
     """Install the process's StopSignals now, for the rest of the process (`python -m scaling.launch` calls it

@@ -27,6 +27,7 @@ from scaling.jobs import (Point, analyze, evaluate_missing, first_line, hydra_di
                           use_cpu_allocation)
 from scaling.provenance import record_launch
 from scaling.rundir import append_jsonl, load_json, read_jsonl, write_json
+from scaling.signals import ENVIRONMENT
 from scaling.squeue import SLURM_ENDED, SLURM_LIVE, slurm_state, slurm_states
 
 EVAL_POLL_S = 60.0               # how often a training job (or a waiting launch) looks for checkpoints to evaluate
@@ -84,7 +85,7 @@ def slurm_task(task_cfg) -> dict:
             result = run_point(cfg, evals_here=False)
     else:
         result = run_point(cfg, evals_here=False)
-    if launch_dir:
+    if launch_dir and not params.get("wait"):  # a waiting launch runs the analysis itself
         finish_study(Path(launch_dir))
     return result
 
@@ -104,14 +105,20 @@ class EvalJob(submitit.helpers.Checkpointable):
         return n
 
 
-def submit_evals(executor, cfg: RunConfig, steps: list[int], launch_dir: str | None) -> str:
+# Variables of the submitting process that must not reach an eval job: wandb's service address (a socket of the
+# training job's node; an eval job that inherits it fails to start wandb), besides submitit's own list (SLURM_*,
+# SUBMITIT_*, the distributed-training variables).
+NOT_INHERITED = ("WANDB_SERVICE", "WANDB_RUN_ID", "WANDB_START_METHOD")
+
+
+def submit_evals(executor, cfg: RunConfig, steps: list[int], launch_dir: str | None):
     """Submit one eval job (from a login node or from inside a job: the parent job's SLURM_* environment is not
-    passed on) and note it in the run's eval_jobs.jsonl; the job id."""
-    with submitit.helpers.clean_env():
+    passed on) and note it in the run's eval_jobs.jsonl; the submitit job."""
+    with ENVIRONMENT, submitit.helpers.clean_env(extra_names=NOT_INHERITED):
         job = executor.submit(EvalJob(), cfg, list(steps), launch_dir)
     append_jsonl(run_dir_for(cfg).path / "eval_jobs.jsonl", {"job_id": job.job_id, "steps": list(steps),
                                                                "setting": setting_key(cfg.eval), "time": time.time()})
-    return job.job_id
+    return job
 
 
 def live_eval_steps(cfg: RunConfig) -> set[int]:
@@ -131,7 +138,12 @@ class JobEvals:
     def __init__(self, cfg: RunConfig, params: dict, launch_dir: str | None):
         self.cfg, self.launch_dir = cfg, launch_dir
         self.executor = slurm_executor(eval_params(params))
-        self.submitted: set[int] = live_eval_steps(cfg)
+        try:
+            self.submitted: set[int] = live_eval_steps(cfg)  # a requeued attempt: its evals already queued
+        except Exception as e:  # noqa: BLE001 - squeue did not answer: training goes on, steps may be sent twice
+            print(f"[launch] eval jobs of earlier attempts unknown ({type(e).__name__}: {first_line(str(e))})",
+                  flush=True)
+            self.submitted = set()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -140,9 +152,9 @@ class JobEvals:
         due = [s for s in missing_evals(run_dir_for(c).path, c.eval, c.train.ckpt_every, c.train.steps)
                if s not in self.submitted]
         if due:
-            job_id = submit_evals(self.executor, c, due, self.launch_dir)
+            job = submit_evals(self.executor, c, due, self.launch_dir)
             self.submitted |= set(due)
-            print(f"[launch] eval job {job_id}: {run_dir_for(c).run_id} steps {due} ({setting_key(c.eval)})",
+            print(f"[launch] eval job {job.job_id}: {run_dir_for(c).run_id} steps {due} ({setting_key(c.eval)})",
                   flush=True)
 
     def _watch(self) -> None:
@@ -159,7 +171,11 @@ class JobEvals:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
-        self.poll()  # the final checkpoint's eval (an error here fails the job: its evals would be lost)
+        try:
+            self.poll()  # the final checkpoint's eval
+        except Exception as e:  # noqa: BLE001 - the run is saved; a relaunch submits the evals still missing
+            print(f"[launch] eval submission failed: {type(e).__name__}: {first_line(str(e))}; relaunch the study "
+                  f"to submit the evals still missing", flush=True)
 
 
 def finish_study(launch_dir: Path) -> bool:
@@ -177,9 +193,8 @@ def finish_study(launch_dir: Path) -> bool:
         marker = launch_dir / "analyzed.json"
         if marker.is_file():
             return False
-        for root in dict.fromkeys(p["output_root"] for p in points):
-            analyze(root)
-        write_json(marker, {"time": time.time()})
+        if all([analyze(root) for root in dict.fromkeys(p["output_root"] for p in points)]):
+            write_json(marker, {"time": time.time()})  # once; a failed step is tried again by the next job
     return True
 
 
@@ -215,7 +230,7 @@ class EvalJobs:
                     self.failed[p.run_id] = f"eval job ended but steps {stuck} still lack {key}"
                     print(f"[launch] {p.run_id}: {self.failed[p.run_id]}", flush=True)
                 elif missing:
-                    job = self.executor.submit(EvalJob(), p.cfg, missing, self.launch_dir)
+                    job = submit_evals(self.executor, p.cfg, missing, self.launch_dir)
                     self.in_flight[p.run_id] = (key, missing, job)
                     self.submitted[(p.run_id, key)] = set(missing)
                     print(f"[launch] eval job {job.job_id}: {p.run_id} steps {missing} ({key})", flush=True)

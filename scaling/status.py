@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from scaling.rundir import (LEASE_STALE_S, RunDir, last_jsonl_row, lease_is_stale, load_json, read_jsonl,
-                            read_jsonl_checked, read_lease, read_status)
+from scaling.rundir import (LEASE_STALE_S, RunDir, last_jsonl_row, launched_points, lease_is_stale, load_json,
+                            read_jsonl, read_jsonl_checked, read_lease, read_status)
 from scaling.squeue import SLURM_LIVE, have_slurm, slurm_states
 
 STALE_S = LEASE_STALE_S  # a lease on another host whose heartbeat is older than this is dead
@@ -32,20 +32,6 @@ def run_dirs(output_root) -> list[RunDir]:
         return []
     return [RunDir(p) for p in sorted(root.iterdir())
             if p.is_dir() and ((p / "status.json").is_file() or (p / "plan.json").is_file())]
-
-
-def launched_points(output_root) -> tuple[dict[str, dict], list[str] | None]:
-    """{run_id: its point in the newest launch record that names it}, and the newest launch's command line."""
-    points, argv = {}, None
-    for record in sorted(Path(output_root).glob("launches/*/launch.json")):
-        data, _ = load_json(record)
-        if not isinstance(data, dict):
-            continue
-        argv = data.get("argv") or argv
-        for p in data.get("points") or []:
-            if isinstance(p, dict) and p.get("run_id"):
-                points[p["run_id"]] = p
-    return points, argv
 
 
 def queued_row(point: dict, states: dict[str, str]) -> dict:

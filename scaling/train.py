@@ -28,7 +28,7 @@ from scaling.diffusion import Diffusion, sample
 from scaling.evaluate import evaluate_checkpoint, missing_evals
 from scaling.rundir import (Lease, LeaseLost, RunDir, append_jsonl, atomic_write_text, clean_temporary, read_json,
                             read_status, repair_jsonl, write_json, write_status)
-from scaling.signals import StopSignals, stop_signals
+from scaling.signals import ENVIRONMENT, StopSignals, stop_signals
 from scaling.tracking import Tracker
 from scaling.valloss import split_heldout
 
@@ -365,7 +365,8 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
             _quietly(bar.close)
             _quietly(tracker.finish)
             if (requeue := stop.requeue_handler()) is not None:  # submitit's under SLURM: requeues, then exits
-                requeue(stop.signal, None)
+                with ENVIRONMENT:  # not while a thread submits an eval job without the SLURM_* variables
+                    requeue(stop.signal, None)
             return read_status(run)
     except BaseException as e:
         if isinstance(e, SystemExit) and stop.signal is not None:
@@ -408,7 +409,12 @@ def run_tracker(cfg: RunConfig, run: RunDir, plan: dict | None = None, rank: int
 def mirror_eval(cfg: RunConfig, row: dict) -> dict:
     """Log an evals.jsonl row to the run's wandb history from a process without a tracker of the run (an eval job);
     returns the row."""
-    tracker = run_tracker(cfg, run_dir_for(cfg))
+    try:
+        tracker = run_tracker(cfg, run_dir_for(cfg))
+    except Exception as e:  # noqa: BLE001 - a mirror: evals.jsonl holds the row; an eval job must not fail on wandb
+        print(f"[wandb] could not start: {type(e).__name__}: {e}; the eval is in evals.jsonl", file=sys.stderr,
+              flush=True)
+        return row
     try:
         tracker.log_eval(row)
     finally:

@@ -466,6 +466,7 @@ def test_summary_exit_codes(tmp_path, capsys):
     assert summarize(pts, {}, {}) == 1
     assert summarize(pts[:2], {pts[0].run_id: "failed: job 4_0 ended (CANCELLED)"}, {}) == 1
     assert summarize(pts[:2], {}, {pts[1].run_id: "eval job 9 failed: boom"}) == 1
+    assert summarize(pts, {pts[2].run_id: "submitted"}, {}) == 4  # the failed run resubmitted: it resumes
     write_status(run_dir_for(cfgs[1]), "preempted", 3)
     assert summarize(pts[:2], {}, {}) == 3
     assert "job 4_0 ended (CANCELLED)" in capsys.readouterr().out

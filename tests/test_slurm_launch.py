@@ -96,12 +96,15 @@ def test_a_detached_grid_finishes_with_its_eval_jobs_and_analysis_and_no_launche
     """The launch returns while its jobs are queued or running; the training jobs submit their eval jobs; the
     last job to end writes results.csv and the figures; scaling.status follows it all from outside. The study file
     is the laptop study's, unchanged: its local-pool keys (parallel, threads_per_job) do not break SLURM."""
-    argv = ["--config-name", "laptop", "-m", "model=laptop_s,laptop_b", "patch=8", *TINY, "val.every=3",
+    tiny = [o for o in TINY if not o.startswith("wandb=")]  # wandb offline, the default: eval jobs log to it too
+    argv = ["--config-name", "laptop", "-m", "model=laptop_s,laptop_b", "patch=8", *tiny, "val.every=3",
             "train.ckpt_every=3", "train.steps=6",
             "eval.inline=false", "eval.num_samples=16", "eval.num_ref=64", "eval.sampling_steps=5",
             "eval.batch_size=16", "analyze=true", f"output_root={tmp_path}", *DETACHED]
+    env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
     t0 = time.time()
-    first = launch(*argv, timeout=120)
+    first = run_launch(*argv, timeout=120, env=env)
     launch_s = time.time() - t0
     assert first.returncode == 4, first.stdout + first.stderr[-3000:]  # 4: submitted, not finished
     assert launch_s < 30 and "follow the study with: python -m scaling.status" in first.stdout
@@ -110,6 +113,9 @@ def test_a_detached_grid_finishes_with_its_eval_jobs_and_analysis_and_no_launche
     status = subprocess.run([sys.executable, "-m", "scaling.status", str(tmp_path)], capture_output=True, text=True,
                             cwd=ROOT, timeout=60)
     assert status.returncode == 0 and status.stdout.count("laptop_") == 2, status.stdout  # every point, queued too
+    again = run_launch(*argv, timeout=120, env=env)  # at once: its jobs are queued or running, none submitted twice
+    assert again.returncode in (3, 4) and "[launch] job " not in again.stdout, again.stdout + again.stderr[-3000:]
+    assert again.stdout.count(", skipped") == 2, again.stdout
     table = tmp_path / "analysis" / "results.csv"
     wall_s = wait_for(table.is_file, 400, "results.csv from the last job") + launch_s
     wait_for(lambda: not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(), 60,
@@ -120,11 +126,14 @@ def test_a_detached_grid_finishes_with_its_eval_jobs_and_analysis_and_no_launche
         assert read_status(run)["state"] == "done" and sorted(r["step"] for r in read_jsonl(run.evals)) == [3, 6]
         eval_jobs = read_jsonl(run.path / "eval_jobs.jsonl")  # submitted by the training job, not by a launcher
         assert eval_jobs and sorted(s for r in eval_jobs for s in r["steps"]) == [3, 6]
+        for job in eval_jobs:  # each eval job started wandb (offline) on its own and ended without an error
+            log = (tmp_path / "slurm" / ".submitit" / job["job_id"] / f"{job['job_id']}_0_log.err").read_text()
+            assert "Traceback" not in log and "[wandb] could not start" not in log, log[-3000:]
         assert read_jsonl(run.launches)[0]["slurm_job"] in train_jobs  # the run names the job and launch it came from
     assert (tmp_path / "analysis" / "fig6_fid_vs_steps.png").is_file()
-    (record,) = (tmp_path / "launches").glob("*/launch.json")
+    record = sorted((tmp_path / "launches").glob("*/launch.json"))[0]  # the launch whose jobs ran the study
     assert (record.parent / "analyzed.json").is_file() and (record.parent / "multirun.yaml").is_file()
-    again = launch(*argv, timeout=120)  # everything done: nothing submitted, exit 0
+    again = run_launch(*argv, timeout=120, env=env)  # everything done: nothing submitted, exit 0
     assert again.returncode == 0 and again.stdout.count("done, skipped") == 2, again.stdout + again.stderr
     print(f"detached grid: launch returned in {launch_s:.1f} s; results after {wall_s:.0f} s")
 

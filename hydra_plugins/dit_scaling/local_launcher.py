@@ -99,9 +99,10 @@ def local_slots(local: LocalLauncherConfig, gpus: list[str], cpus: int) -> list[
 
 
 def run_local(commands: dict[str, list[str]], points: list[Point], slots: list[dict], log_dir: Path) -> dict[str, int]:
-    """Run the points' jobs (`commands[run_id]`), len(slots) at a time; {run_id: exit code}. Ctrl-C or SIGTERM to this process stops
-    them cleanly: each job gets SIGTERM, saves a checkpoint at its next step and is marked preempted, and this
-    process waits for them before it returns."""
+    """Run the points' jobs (`commands[run_id]`), len(slots) at a time; {run_id: exit code}. Ctrl-C or SIGTERM to
+    this process stops them cleanly: each job gets SIGTERM, saves a checkpoint at its next step and is marked
+    preempted, and this process waits for them before it re-raises; a second Ctrl-C makes them stop at once (at
+    their last checkpoint), still awaited."""
     queue, running, codes = list(points), {}, {}
     free = list(range(len(slots)))
     t_start = t_progress = time.monotonic()
@@ -132,14 +133,27 @@ def run_local(commands: dict[str, list[str]], points: list[Point], slots: list[d
                 t_progress = time.monotonic()
                 print(progress_line([p for p, _, _ in running.values()], len(codes), len(points),
                                     t_progress - t_start), flush=True)
-    except KeyboardInterrupt:
+    except BaseException as e:  # Ctrl-C, SIGTERM, or a fault of the pool itself: no job is left behind
         for s in previous:
             signal.signal(s, signal.SIG_IGN)  # a second SIGTERM must not cut the wait short
-        print(f"[launch] interrupted: stopping {len(running)} jobs (each saves at its next step)", flush=True)
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        print(f"[launch] {what}: stopping {len(running)} jobs (each saves at its next step)", flush=True)
         for proc in running:
             proc.send_signal(signal.SIGTERM)
-        for proc, (p, _, log) in running.items():
-            codes[p.run_id] = proc.wait()
+        pending = {proc: p for proc, (p, _, _) in running.items()}
+        while pending:
+            try:
+                for proc in [q for q in pending if q.poll() is not None]:
+                    codes[pending.pop(proc).run_id] = proc.returncode
+                time.sleep(0.2)
+            except KeyboardInterrupt:  # Ctrl-C again: the jobs stop at once (a job's second signal), still awaited
+                print(f"[launch] interrupted again: {len(pending)} jobs stop now, at their last checkpoint",
+                      flush=True)
+                for proc in pending:
+                    proc.send_signal(signal.SIGINT)
+        for _, _, log in running.values():
+            if log:
+                log.close()
         raise
     finally:
         for s, handler in previous.items():

@@ -44,13 +44,19 @@ class GridSlurmLauncher(SlurmLauncher):
         if evals_only and not wait:  # trained runs whose evals are missing (an eval job failed, or a new setting)
             executor = slurm_executor(eval_params(params))
             for p in evals_only:
-                c, live = p.cfg, live_eval_steps(p.cfg)
-                due = [s for s in missing_evals(run_dir_for(c).path, c.eval, c.train.ckpt_every, c.train.steps)
-                       if s not in live]
-                if due:
-                    job_id = submit_evals(executor, c, due, launch_dir)
-                    print(f"[launch] eval job {job_id}: {p.run_id} steps {due}", flush=True)
-                values[p.run_id] = {"state": "submitted" if due or live else "evals", "job": None}
+                c = p.cfg
+                try:
+                    live = live_eval_steps(c)
+                    due = [s for s in missing_evals(run_dir_for(c).path, c.eval, c.train.ckpt_every, c.train.steps)
+                           if s not in live]
+                    job = submit_evals(executor, c, due, launch_dir) if due else None
+                except Exception as e:  # noqa: BLE001 - sbatch or squeue refused: reported with the point
+                    values[p.run_id] = {"state": f"failed: eval submission: {first_line(str(e))}"}
+                    continue
+                if job is not None:
+                    print(f"[launch] eval job {job.job_id}: {p.run_id} steps {due}", flush=True)
+                values[p.run_id] = {"state": "submitted" if due or live else "evals",
+                                    "job": job.job_id if job is not None else None}
         try:
             jobs = self.submit(train, initial_job_idx, dependency=None if wait else self.previous_array)
         except Exception as e:  # noqa: BLE001 - sbatch refused: nothing of this wave runs

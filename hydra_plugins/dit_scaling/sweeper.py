@@ -25,9 +25,10 @@ from scaling.grid import (Composer, check_placement, compose_points, config_dir_
 from scaling.jobs import EXIT_BAD_INPUT, LaunchExit, Point, analyze, point_state, summarize, waves
 from scaling.plan import format_plan, plan_rows
 from scaling.provenance import launch_record
-from scaling.rundir import write_json
+from scaling.rundir import launched_points, write_json
 from scaling.signals import active
 from scaling.slurm import slurm_task
+from scaling.squeue import SLURM_LIVE, have_slurm, slurm_states
 
 
 class GridSweeper(Sweeper):
@@ -41,7 +42,7 @@ class GridSweeper(Sweeper):
         self.hydra_context, self.config = hydra_context, config
         try:
             launcher_kind(config.hydra.launcher)
-            # SLURM jobs run scaling.jobs.slurm_task: a module-level function that a job unpickles by reference
+            # SLURM jobs run scaling.slurm.slurm_task: a module-level function that a job unpickles by reference
             self.launcher = Plugins.instance().instantiate_launcher(hydra_context=hydra_context,
                                                                      task_function=slurm_task, config=config)
         except Exception as e:  # noqa: BLE001 - bad launcher settings: one line, before anything runs
@@ -51,14 +52,25 @@ class GridSweeper(Sweeper):
     # ------------------------------------------------------------------------- before anything runs
 
     def points(self, arguments: list[str]) -> list[Point]:
-        """Every grid point composed, validated and placed; its state read from its run directory."""
+        """Every grid point composed, validated and placed; its state read from its run directory, or "queued"
+        when an earlier launch's SLURM job for it has not started yet (a relaunch must not submit it twice)."""
         grid = grid_overrides(self.params, arguments, multirun=True)
         composer = Composer(self.hydra_context.config_loader, self.config, group_dirs(config_dir_of(self.config)))
         points = compose_points(composer, grid)
-        check_placement(points, launcher_kind(self.config.hydra.launcher),
-                        OmegaConf.to_container(self.config.hydra.launcher, resolve=True))
+        kind = launcher_kind(self.config.hydra.launcher)
+        check_placement(points, kind, OmegaConf.to_container(self.config.hydra.launcher, resolve=True))
         for p in points:
             p.state = point_state(p.cfg)
+        if kind == "slurm" and not any(p.cfg.dry_run for p in points) and have_slurm():
+            jobs = {}
+            for root in dict.fromkeys(p.cfg.output_root for p in points if p.state not in ("done", "running")):
+                for run_id, point in launched_points(root)[0].items():
+                    if (point.get("outcome") or {}).get("job"):
+                        jobs[run_id] = str(point["outcome"]["job"])
+            live = slurm_states(sorted(set(jobs.values()))) if jobs else {}
+            for p in points:
+                if p.state not in ("done", "running") and live.get(jobs.get(p.run_id, "")) in SLURM_LIVE:
+                    p.state = "queued"  # its job (from an earlier launch) is pending or starting
         return points
 
     def record(self, points: list[Point], outcomes: dict[str, dict] | None = None) -> Path:
@@ -100,10 +112,11 @@ class GridSweeper(Sweeper):
         folder = self.record(points)
         print(f"[launch] {len(points)} points; records in {folder}", flush=True)
         for p in points:
-            if p.state in ("done", "running"):
+            if p.state in ("done", "running", "queued"):
                 print(f"[launch] {p.run_id}: {p.state}, skipped", flush=True)
-        todo = [p for p in points if p.state not in ("done", "running")]
-        outcomes, eval_errors, returns, values = {}, {}, [], {}
+        todo = [p for p in points if p.state not in ("done", "running", "queued")]
+        outcomes = {p.run_id: "submitted" for p in points if p.state == "queued"}  # by an earlier launch
+        eval_errors, returns, values = {}, [], {}
         try:
             for wave in waves(todo):
                 results = self.launcher.launch([p.overrides for p in wave], initial_job_idx=len(returns))
@@ -113,6 +126,7 @@ class GridSweeper(Sweeper):
                     if value.get("eval_error"):
                         eval_errors[p.run_id] = value["eval_error"]
                 returns += results
+                self.record(points, values)  # the job ids, as soon as they exist: a relaunch skips queued points
         except KeyboardInterrupt:
             print("[launch] interrupted" + (": the SLURM jobs keep running; follow them with python -m scaling.status"
                                             if launcher_kind(self.config.hydra.launcher) == "slurm" else ""), flush=True)
