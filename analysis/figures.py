@@ -104,22 +104,21 @@ def headline_setting(df: pd.DataFrame, step: int | None = None) -> pd.DataFrame:
     d = evaluated(df)
     if d.empty:
         raise NoData("no evaluated checkpoints (no row has an fd value)")
-    rows = d.groupby(SETTING_COLS, dropna=False).size()
-    at = d if step is None else d[d["step"] == int(step)]
+    key = d[SETTING_COLS].apply(lambda r: "|".join(map(str, r)), axis=1)   # one string per setting (NaN-safe)
+    rows = key.value_counts()
+    at = key if step is None else key[d["step"] == int(step)]
     best, best_key = None, None
-    for values, g in at.groupby(SETTING_COLS, dropna=False):
+    for k, idx in at.groupby(at).groups.items():
+        g = d.loc[idx]
         if g["run_id"].nunique() < 3:
             continue
         n = g["num_samples"].iloc[0]
-        key = (float(n) if pd.notna(n) else -1.0, int(rows[values]))  # the most samples, then the most rows
-        if best_key is None or key > best_key:
-            best, best_key = values, key
+        rank = (float(n) if pd.notna(n) else -1.0, int(rows[k]))  # the most samples, then the most rows
+        if best_key is None or rank > best_key:
+            best, best_key = k, rank
     if best is None:
         return main_setting(df)
-    mask = np.ones(len(d), dtype=bool)
-    for k, v in zip(SETTING_COLS, best):
-        mask &= (d[k].isna() if pd.isna(v) else d[k] == v).to_numpy()
-    return d[mask]
+    return d[(key == best).to_numpy()]
 
 
 def main_block(d: pd.DataFrame) -> pd.DataFrame:
