@@ -272,7 +272,8 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
     out_dir = Path(out_dir)
     fd_col = fd_metric(df, fd_col) if fd_col in df.columns else fd_col
     df = one_row_per_step(df, prefer_col=fd_col if fd_col in df.columns else None)
-    other_fd = [c for c in df.columns if c != fd_col and c.startswith(("fd", "fid")) and c[-1] != "_"
+    same = set(df.loc[df[fd_col].notna(), "metric_name"].dropna()) if {fd_col, "metric_name"} <= set(df) else set()
+    other_fd = [c for c in df.columns if c != fd_col and c not in same and c.startswith(("fd", "fid"))
                 and any(ch.isdigit() for ch in c.split("_")[0]) and df[c].notna().any()]
     checks, reasons = [], {}
     runs = [("forecast_largest", lambda: forecast_largest(df, loss_col)),
