@@ -20,7 +20,7 @@ from analysis.figures import (FigureOutput, NoData, _label_of, _log_axis, _new_f
                               save)
 from analysis.fits import _finite, bootstrap_frontier, frontier, predict
 from analysis.forecasts import Forecast, forecast_curve_end, forecast_fd, forecast_largest
-from analysis.laws import bootstrap_joint_law, fit_fd_vs_loss, isoflop_profiles
+from analysis.laws import bootstrap_joint_law, fd_metric, fit_fd_vs_loss, isoflop_profiles, one_row_per_step
 from scaling.results import read_table
 
 LOSS_COL = "val_mse_ema"
@@ -211,12 +211,18 @@ def predicted_vs_measured(forecasts: list[Forecast], out_dir, name: str = "predi
         ax.grid(True, alpha=0.3)
         ax.set_xlabel(f"measured {fc.y_col}")
         ax.set_ylabel(f"predicted {fc.y_col}")
-        ax.set_title(f"{CHECK_LABELS.get(fc.check, fc.check)}\nmedian |err| {s['median_abs_rel_error']:.1%} "
+        check = CHECK_LABELS.get(fc.check, fc.check)
+        if fc.check == "forecast_fd":
+            check = check.replace("FD", fc.y_col.split("_")[0].upper().replace("FD", "FD-"), 1)
+        ax.set_title(f"{check}\nmedian |err| {s['median_abs_rel_error']:.1%} "
                      f"vs naive {s['naive_median_abs_rel_error']:.1%}", fontsize=9)
         rows += [{"check": fc.check, "y_col": fc.y_col, **r} for r in t.to_dict("records")]
     handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right center", fontsize=8, frameon=False)
-    return save(FigureOutput(name, fig, pd.DataFrame(rows), fits={f.check: f.summary() for f in forecasts}),
+    fits = {}
+    for f in forecasts:  # two FD forecasts (FD-250 and FD-500) are keyed by their columns
+        fits[f.check if f.check not in fits else f"{f.check}[{f.y_col}]"] = f.summary()
+    return save(FigureOutput(name, fig, pd.DataFrame(rows), fits=fits),
                 out_dir)
 
 
@@ -257,24 +263,39 @@ def fd_vs_loss(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
 
 def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str = "fd", n_boot: int = 200,
                seed: int = 0) -> tuple[list[FigureOutput], dict]:
-    """Every law figure that has data, laws.json beside them (fits and held-out summaries)."""
+    """Every law figure that has data, laws.json beside them (fits and held-out summaries).
+
+    FD is fitted on one sample size: `fd_col` "fd" that mixes metrics (curves at FD-250, the final checkpoint
+    also at FD-500) becomes the named column of the most common one (analysis.laws.fd_metric); every other named
+    FD column of the table (e.g. fd500_domain, final checkpoints only) gets its own FD forecast, fitted on its
+    own values, as `forecast_fd[<column>]`."""
     out_dir = Path(out_dir)
+    fd_col = fd_metric(df, fd_col) if fd_col in df.columns else fd_col
+    df = one_row_per_step(df, prefer_col=fd_col if fd_col in df.columns else None)
+    same = set(df.loc[df[fd_col].notna(), "metric_name"].dropna()) if {fd_col, "metric_name"} <= set(df) else set()
+    other_fd = [c for c in df.columns if c != fd_col and c not in same and c.startswith(("fd", "fid"))
+                and any(ch.isdigit() for ch in c.split("_")[0]) and df[c].notna().any()]
     checks, reasons = [], {}
-    for check, run in (("forecast_largest", lambda: forecast_largest(df, loss_col)),
-                       ("forecast_fd", lambda: forecast_fd(df, loss_col, fd_col)),
-                       ("forecast_curve_end", lambda: forecast_curve_end(df, loss_col))):
+    runs = [("forecast_largest", lambda: forecast_largest(df, loss_col)),
+            ("forecast_fd", lambda: forecast_fd(df, loss_col, fd_col))]
+    runs += [(f"forecast_fd[{c}]", lambda c=c: forecast_fd(df, loss_col, c)) for c in other_fd]
+    runs += [("forecast_curve_end", lambda: forecast_curve_end(df, loss_col))]
+    for check, run in runs:
         try:
-            checks.append(run())
+            checks.append((check, run()))
         except (ValueError, KeyError) as e:
             reasons[check] = str(e)
-    fd_fit_runs = next((c.fitted_runs for c in checks if c.check == "forecast_fd"), None)
+    keyed = dict(checks)
+    checks = [c for _, c in checks]
+    fd_fit_runs = keyed["forecast_fd"].fitted_runs if "forecast_fd" in keyed else None
     makers = {"loss_curves": lambda: loss_curves(df, out_dir, loss_col),
               "envelope": lambda: compute_envelope(df, out_dir, loss_col, n_boot=n_boot, seed=seed),
               "isoflop": lambda: isoflop_figure(df, out_dir, loss_col, n_boot=n_boot, seed=seed),
               "n_opt": lambda: n_opt_figure(df, out_dir, loss_col, n_boot=n_boot, seed=seed),
               "predicted_vs_measured": lambda: predicted_vs_measured(checks, out_dir),
               "fd_vs_loss": lambda: fd_vs_loss(df, out_dir, loss_col, fd_col, fit_runs=fd_fit_runs)}
-    outputs, fits = [], {"held_out": {c.check: c.to_dict() for c in checks}, "skipped_checks": reasons}
+    outputs, fits = [], {"held_out": {k: c.to_dict() for k, c in keyed.items()}, "skipped_checks": reasons,
+                         "fd_col": fd_col}
     for key, make in makers.items():
         try:
             out = make()
@@ -288,9 +309,9 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
         print(f"[law_figures] wrote {', '.join(str(p) for p in out.paths)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "laws.json").write_text(json.dumps(fits, indent=2, default=float) + "\n")
-    for c in checks:
+    for k, c in keyed.items():
         s = c.summary()
-        print(f"[law_figures] {c.check} ({c.y_col}): median |error| {s['median_abs_rel_error']:.1%} vs naive "
+        print(f"[law_figures] {k} ({c.y_col}): median |error| {s['median_abs_rel_error']:.1%} vs naive "
               f"{s['naive_median_abs_rel_error']:.1%} over {s['n_predicted']} held-out points")
     return outputs, fits
 

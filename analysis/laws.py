@@ -302,6 +302,41 @@ def isoflop_profiles(df: pd.DataFrame, loss_col: str, budgets=None, compute_col:
 # ----------------------------------------------------------------------------- FD as a function of loss
 
 
+def fd_metric(df: pd.DataFrame, fd_col: str = "fd") -> str:
+    """The column of one FD sample size to fit FD on: `fd_col` when it holds one metric, else the named column
+    (e.g. fd250_domain) of its most common metric_name, the N of every evaluated checkpoint (the curves)."""
+    if fd_col != "fd" or "metric_name" not in df.columns:
+        return fd_col
+    names = df.loc[df[fd_col].notna(), "metric_name"].dropna()
+    if names.nunique() <= 1:
+        return fd_col
+    counts = names.value_counts(sort=False)
+    name = str(counts.index[np.argmax(counts.to_numpy())])   # the most common; on a tie the first seen
+    if name not in df.columns:
+        raise ValueError(f"{fd_col} mixes metrics {sorted(names.unique())} and the table has no {name!r} column")
+    return name
+
+
+def one_row_per_step(df: pd.DataFrame, prefer_col: str | None = None) -> pd.DataFrame:
+    """One row per (run_id, step): the rows of one step (one per eval setting, e.g. FD-250 and FD-500 of the
+    final checkpoint) merged, each column taking the first non-empty value, the rows with `prefer_col` first. A
+    loss curve then counts every step once, and each named metric column (fd250_domain, fd500_domain) keeps its
+    values. Rows without a step (runs without evals) are kept as they are."""
+    if df.empty or "step" not in df.columns:
+        return df
+    keys = ["run_id", "step"]
+    d = df[df["step"].notna()]
+    if not d.duplicated(keys).any():
+        return df
+    order = d.assign(_pos=np.arange(len(d))).groupby(keys, sort=False)["_pos"].min()  # first appearance
+    if prefer_col is not None and prefer_col in d.columns:
+        d = d.assign(_later=d[prefer_col].isna()).sort_values("_later", kind="stable").drop(columns="_later")
+    merged = d.groupby(keys, sort=False, dropna=False).first()
+    merged = merged.loc[order.sort_values().index].reset_index()
+    merged = merged[[c for c in df.columns if c in merged.columns]]
+    return pd.concat([merged, df[df["step"].isna()]], ignore_index=True)
+
+
 def fit_fd_vs_loss(df: pd.DataFrame, loss_col: str, fd_col: str = "fd") -> PowerLawFit:
     """FD = A L^k (a line in log-log; k = -alpha of the fit), Huber, on the rows given.
 

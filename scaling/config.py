@@ -87,6 +87,8 @@ class EvalConfig:
     kid: bool = False
     export_npz: bool = True              # keep the samples .npz (ADM batch layout) in <run>/samples/
     num_ref: int = DEFAULT_NUM_REF       # reference images from the training set (all when fewer)
+    final_num_samples: int = 0           # > num_samples: the final checkpoint draws this many (its own row) and
+                                         # every checkpoint's num_samples are the first of that one stream
 
 
 def validate_eval(cfg: EvalConfig) -> None:
@@ -105,6 +107,13 @@ def validate_eval(cfg: EvalConfig) -> None:
                          f"torch-fidelity's weights-inception-2015-12-05-6726825d.pth, or null (download, online)")
     if cfg.guide_channels is not None and cfg.guide_channels < 1:
         raise ValueError(f"eval.guide_channels={cfg.guide_channels}; allowed: None or >= 1")
+    if cfg.final_num_samples < 0 or 0 < cfg.final_num_samples < cfg.num_samples:
+        raise ValueError(f"eval.final_num_samples={cfg.final_num_samples}; allowed: 0 (off) or >= eval.num_samples="
+                         f"{cfg.num_samples}")
+    if cfg.final_num_samples > cfg.num_samples and cfg.num_samples % cfg.batch_size:
+        raise ValueError(f"eval.batch_size={cfg.batch_size} does not divide eval.num_samples={cfg.num_samples}: with "
+                         f"eval.final_num_samples the draws of every checkpoint are whole batches of one stream; "
+                         f"allowed: a divisor of eval.num_samples")
     if cfg.precision_recall and min(cfg.num_samples, cfg.num_ref) <= PRC_NEIGHBOURHOOD:
         raise ValueError(f"eval.num_samples={cfg.num_samples}, eval.num_ref={cfg.num_ref}: precision/recall with "
                          f"k={PRC_NEIGHBOURHOOD} needs more than {PRC_NEIGHBOURHOOD} of each; allowed: >= "

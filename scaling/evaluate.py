@@ -5,6 +5,12 @@
       -> compute_metrics (torch-fidelity, one pass, one feature extractor: FD, IS, precision/recall, KID)
       -> one row in <run>/evals.jsonl per (step, setting)
 
+Curves at a small N, the final checkpoint also at a large one (`eval.final_num_samples`, e.g. 250 and 500): every
+checkpoint draws the first `num_samples` of one stream of `final_num_samples` samples (labels and noise of whole
+batches, so a prefix of the stream is the same images whoever draws it); the final checkpoint draws the whole
+stream, scored as the row of its own setting (fd500_domain) and, from its first `num_samples`, as the curve's row
+(fd250_domain). The curve's setting key ends in `-of<final>`: its labels are not those of a plain 250-sample draw.
+
 Every number carries its feature space and sample count in its name: `fid50k_inception` is FID in the paper's
 sense (torch-fidelity's Inception weights); `fd1k_inception_offline`, `fd1k_domain`, `is1k_domain`,
 `precision1k_domain`, `recall1k_domain` are Frechet distances / scores in other feature spaces (scaling.features).
@@ -51,7 +57,21 @@ def setting_key(cfg: EvalConfig) -> str:
         key += f"-g{cfg.guide_channels}"
     if cfg.num_ref != DEFAULT_NUM_REF:
         key += f"-ref{cfg.num_ref}"
+    if cfg.final_num_samples > cfg.num_samples:
+        key += f"-of{cfg.final_num_samples}"
     return key
+
+
+def stream_samples(cfg: EvalConfig) -> int:
+    """The length of the sample stream every draw of this setting is a prefix of."""
+    return max(cfg.num_samples, cfg.final_num_samples)
+
+
+def final_setting(cfg: EvalConfig) -> Optional[EvalConfig]:
+    """The setting of the final checkpoint's whole-stream draw (eval.final_num_samples), None when there is none."""
+    if cfg.final_num_samples <= cfg.num_samples:
+        return None
+    return replace(cfg, num_samples=cfg.final_num_samples, final_num_samples=0)
 
 
 def count_label(n: int) -> str:
@@ -145,7 +165,8 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
                   sampling_steps: int = 250, cfg_scale: float = 1.0, seed: int = 0, batch_size: int = 256,
                   out_path, vae=None, latent_scale: float = 0.18215, guide_channels: Optional[int] = None,
                   labels: str = "balanced", precision: str = "fp32", device=None,
-                  distributed: Optional[bool] = None, progress: bool = True) -> Path:
+                  distributed: Optional[bool] = None, progress: bool = True,
+                  stream: Optional[int] = None) -> Path:
     """Draw `num_samples` class-conditional samples into `out_path`, the ADM batch .npz:
     arr_0 (N, H, W, 3) uint8 (grey repeated to 3 channels), arr_1 (N,) int64 labels.
 
@@ -156,7 +177,9 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
     (seed, b), so the result does not depend on interruptions or on the number of ranks. Each batch is written
     as a shard in `<out>.parts/`; a rerun skips shards that exist, then the shards are assembled and removed. With
     torch.distributed (distributed=None: when initialised) rank r draws batches r, r + world, ... and rank 0
-    assembles after a barrier. Latent models are decoded through `vae`.
+    assembles after a barrier. Latent models are decoded through `vae`. `stream` (>= num_samples): the labels are
+    the first num_samples of a stream of that many, so that with a batch_size dividing num_samples the draw is the
+    first num_samples images of the `stream`-sample draw.
     """
     from scaling.features import to_uint8
 
@@ -173,6 +196,11 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
     spec = {"num_samples": num_samples, "batch_size": batch_size, "seed": seed, "sampler": sampler,
             "sampling_steps": sampling_steps, "cfg_scale": float(cfg_scale), "guide_channels": guide_channels}
     spec.update({k: v for k, v in (("labels", labels), ("precision", precision)) if v != SAMPLING_DEFAULTS[k]})
+    stream = num_samples if stream is None else stream
+    if stream < num_samples:
+        raise ValueError(f"stream={stream} is shorter than num_samples={num_samples}")
+    if stream != num_samples:
+        spec["stream"] = stream
     parts.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         spec_file = parts / "spec.json"
@@ -186,8 +214,9 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
 
     diffusion = Diffusion(diffusion_cfg)
     model.eval()
-    all_labels = (balanced_labels(num_samples, plan["num_classes"], seed) if labels == "balanced" else
-                  torch.randint(0, plan["num_classes"], (num_samples,), generator=torch.Generator().manual_seed(seed)))
+    all_labels = (balanced_labels(stream, plan["num_classes"], seed) if labels == "balanced" else
+                  torch.randint(0, plan["num_classes"], (stream,), generator=torch.Generator().manual_seed(seed)))
+    all_labels = all_labels[:num_samples]
     num_batches = -(-num_samples // batch_size)
     mine = [b for b in range(rank, num_batches, world) if not (parts / f"batch_{b:06d}.npz").is_file()]
     shape = (plan["in_channels"], plan["input_size"], plan["input_size"])
@@ -372,7 +401,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, floa
 
 def named_metrics(raw: dict, backend: str, num_samples: int) -> dict:
     """{'fd1k_domain': .., 'is1k_domain': .., ...}: the values present, each named with its space and N."""
-    kinds = {"fd": "fd", "is": "is", "precision": "precision", "recall": "recall", "kid": "kid"}
+    kinds = {"fd": "fd", "is": "is", "precision": "precision", "recall": "recall", "kid": "kid", "kid_std": "kid_std"}
     return {metric_name(kind, backend, num_samples): raw[k] for k, kind in kinds.items() if raw.get(k) is not None}
 
 
@@ -407,76 +436,99 @@ def eval_steps(steps: list[int], ckpt_every: int, every_ckpt: int, final_step: i
 
 
 def missing_evals(run_dir, eval_cfg: EvalConfig, ckpt_every: int, final_step: int) -> list[int]:
-    """Checkpoint steps due for evaluation (eval_steps) without a row for this setting."""
+    """Checkpoint steps due for evaluation (eval_steps) without a row for this setting, and the final step
+    without the row of its whole-stream draw (final_setting)."""
 
-    key = setting_key(eval_cfg)
-    done = {r.get("step") for r in read_jsonl(as_run(run_dir).evals) if r.get("setting") == key}
+    rows = read_jsonl(as_run(run_dir).evals)
+    keys = {setting_key(eval_cfg)}
+    done = {r.get("step") for r in rows if r.get("setting") in keys}
     due = eval_steps(list_steps(run_dir), ckpt_every, eval_cfg.every_ckpt, final_step)
+    final = final_setting(eval_cfg)
+    if final is not None and final_step in due and final_step in done:
+        key = setting_key(final)
+        if not any(r.get("step") == final_step and r.get("setting") == key for r in rows):
+            done.discard(final_step)
     return [s for s in due if s not in done]
 
 
 def evaluate_checkpoint(run_dir, step: int, eval_cfg: Optional[EvalConfig] = None, device=None, *,
-                        distributed: bool = False, progress: bool = True) -> dict:
+                        distributed: bool = False, progress: bool = True, final_step: Optional[int] = None) -> dict:
     """Sample the EMA model of checkpoint `step`, score it and append the row to evals.jsonl; returns the row.
 
     A row for (step, setting) that exists is returned as is (no duplicates). eval_cfg=None uses the run's own
     eval settings. distributed=True shares the sampling over the torch.distributed ranks (all must call this).
+    With eval.final_num_samples, the final step (`final_step`, default the run's train.steps) draws the whole
+    stream and writes two rows: its own setting's (final_setting) and this setting's from the first num_samples;
+    the returned row is this setting's.
     """
     from scaling.features import build_extractor
 
     run = as_run(run_dir)
     eval_cfg = eval_cfg or run_eval_config(run)
     validate_eval(eval_cfg)
-    key = setting_key(eval_cfg)
-    if (row := find_eval(run, step, key)) is not None:
-        return row
+    final = final_setting(eval_cfg)
+    if final is not None and final_step is None:
+        final_step = run_config(run).train.steps
+    wanted = [eval_cfg] + ([final] if final is not None and step == final_step else [])
+    todo = [e for e in wanted if find_eval(run, step, setting_key(e)) is None]
+    if not todo:
+        return find_eval(run, step, setting_key(eval_cfg))
     rank = _dist()[0] if distributed else 0
     t0 = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, cfg, plan = load_model(run.path, step)
     vae = None if plan.get("pixel_space", True) else load_vae(cfg.data.vae, device)
     run.samples.mkdir(parents=True, exist_ok=True)
+    draw = wanted[-1]                                # the largest draw due here: the others are its prefixes
+    key = setting_key(draw)
     npz = run.samples / f"samples_step{step:07d}_{key}.npz"
-    e = eval_cfg
+    e = draw
     sample_to_npz(model.to(device), cfg.diffusion, plan, e.num_samples, sampler=e.sampler,
                   sampling_steps=e.sampling_steps, cfg_scale=e.cfg_scale, seed=e.seed, batch_size=e.batch_size,
                   out_path=npz, vae=vae, latent_scale=cfg.data.latent_scale, guide_channels=e.guide_channels,
-                  device=device, distributed=distributed, progress=progress)
+                  device=device, distributed=distributed, progress=progress, stream=stream_samples(eval_cfg))
     sample_s = time.perf_counter() - t0
     if rank != 0:
         torch.distributed.barrier()  # rank 0 scores and appends the row
-        return find_eval(run, step, key) or {}
+        return find_eval(run, step, setting_key(eval_cfg)) or {}
     del model
     images = np.load(npz)["arr_0"]                                               # (N, H, W, 3) uint8
     save_grid(images[:64], run.samples / f"eval_step{step:07d}_{key}.png")
     pixel_cfg = pixel_data_config(cfg.data)
     space = build_extractor(e.backend, pixel_cfg, inception_weights=e.inception_weights, progress=progress)
     ref, data_sha = reference_set(pixel_cfg, e.num_ref)
-    raw = compute_metrics(UInt8Images(images), ref, space, reference_key=reference_key(pixel_cfg, space, len(ref),
-                                                                                       data_sha),
-                          prc=e.precision_recall, kid=e.kid, cuda=device.type == "cuda", progress=progress)
     img_seen = torch.load(checkpoint_path(run, step), map_location="cpu", weights_only=True, mmap=True)["img_seen"]
-    row = {"step": step, "img_seen": int(img_seen), "metrics": named_metrics(raw, e.backend, e.num_samples),
-           "metric_name": metric_name("fd", e.backend, e.num_samples), "fd": raw["fd"],
-           **({"fid": raw["fd"]} if e.backend == "inception" else {}),  # FID only with the Inception weights
-           "inception_score": raw["is"], "precision": raw["precision"], "recall": raw["recall"], "kid": raw["kid"],
-           "feature_extractor": e.backend, "feature_extractor_info": space.info,
-           "feature_weights_sha": space.weights_sha[:16], "num_samples": e.num_samples, "num_ref": len(ref),
-           "sampler": e.sampler, "sampling_steps": e.sampling_steps, "cfg_scale": float(e.cfg_scale),
-           "guide_channels": e.guide_channels, "seed": e.seed, "dataset": pixel_cfg.name,
-           "resolution": pixel_cfg.image_size, "sample_wall_s": sample_s, "wall_s": time.perf_counter() - t0,
-           "npz": str(npz) if e.export_npz else None, "setting": key, "time": time.time()}
-    if progress:
-        print(f"[evaluate] step {step} {key}: " + " | ".join(f"{k} {v:.4g}" for k, v in row["metrics"].items()),
-              file=sys.stderr, flush=True)
-    existing = find_eval(run, step, key)  # another process may have finished the same eval meanwhile
-    if existing is None:
-        append_jsonl(run.evals, row)
-    if not e.export_npz:
+    rows = {}
+    for e in todo:
+        raw = compute_metrics(UInt8Images(images[:e.num_samples]), ref, space,
+                              reference_key=reference_key(pixel_cfg, space, len(ref), data_sha),
+                              prc=e.precision_recall, kid=e.kid, cuda=device.type == "cuda", progress=progress)
+        k = setting_key(e)
+        row = {"step": step, "img_seen": int(img_seen), "metrics": named_metrics(raw, e.backend, e.num_samples),
+               "metric_name": metric_name("fd", e.backend, e.num_samples), "fd": raw["fd"],
+               **({"fid": raw["fd"]} if e.backend == "inception" else {}),  # FID only with the Inception weights
+               "inception_score": raw["is"], "precision": raw["precision"], "recall": raw["recall"],
+               "kid": raw["kid"], "kid_std": raw["kid_std"],
+               "feature_extractor": e.backend, "feature_extractor_info": space.info,
+               "feature_weights_sha": space.weights_sha[:16], "num_samples": e.num_samples, "num_ref": len(ref),
+               "stream_samples": stream_samples(eval_cfg),
+               "sampler": e.sampler, "sampling_steps": e.sampling_steps, "cfg_scale": float(e.cfg_scale),
+               "guide_channels": e.guide_channels, "seed": e.seed, "dataset": pixel_cfg.name,
+               "resolution": pixel_cfg.image_size, "sample_wall_s": sample_s,
+               "wall_s": time.perf_counter() - t0,   # since the draw began (rows of one draw share its sampling)
+               "npz": str(npz) if e.export_npz else None, "setting": k, "time": time.time()}
+        if progress:
+            print(f"[evaluate] step {step} {k}: " + " | ".join(f"{n} {v:.4g}" for n, v in row["metrics"].items()),
+                  file=sys.stderr, flush=True)
+        existing = find_eval(run, step, k)  # another process may have finished the same eval meanwhile
+        if existing is None:
+            append_jsonl(run.evals, row)
+        rows[k] = existing or row
+    if not draw.export_npz:
         npz.unlink()
     if distributed and _dist()[1] > 1:
         torch.distributed.barrier()
-    return existing or row
+    return rows.get(setting_key(eval_cfg)) or find_eval(run, step, setting_key(eval_cfg))
 
 
 # ----------------------------------------------------------------------------- CLI

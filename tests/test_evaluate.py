@@ -14,7 +14,8 @@ from scaling.checkpoint import save_checkpoint
 from scaling.config import EvalConfig, RunConfig, config_to_dict
 from scaling.data import DataConfig, load_animal_mnist
 from scaling.diffusion import DiffusionConfig
-from scaling.evaluate import (balanced_labels, evaluate_checkpoint, missing_evals, sample_to_npz,
+from scaling.evaluate import (balanced_labels, evaluate_checkpoint, final_setting, missing_evals, sample_to_npz,
+                              stream_samples,
                               setting_key, validate_eval)
 from scaling.features import to_uint8
 from scaling.models import build_model
@@ -57,6 +58,9 @@ class CountingModel(torch.nn.Module):
     (dict(sampling_steps=0), r"eval.sampling_steps=0"),
     (dict(every_ckpt=0), r"eval.every_ckpt=0"),
     (dict(num_samples=3), r"precision/recall with k=3"),
+    (dict(final_num_samples=500), r"eval.final_num_samples=500; allowed: 0 \(off\) or >= eval.num_samples=1000"),
+    (dict(final_num_samples=-1), r"eval.final_num_samples=-1"),
+    (dict(num_samples=250, final_num_samples=500, batch_size=256), r"eval.batch_size=256 does not divide"),
 ])
 def test_bad_eval_config_fails_with_one_line(change, match):
     with pytest.raises(ValueError, match=match) as e:
@@ -70,6 +74,14 @@ def test_setting_key_is_short_stable_and_complete():
         {}, {"backend": "inception"}, {"num_samples": 50_000}, {"sampler": "ddim"}, {"sampling_steps": 100},
         {"cfg_scale": 1.5}, {"seed": 1}, {"guide_channels": 3}, {"num_ref": 500})}
     assert len(keys) == 9
+
+
+def test_a_curve_setting_of_a_longer_stream_is_named_as_such():
+    curve = EvalConfig(num_samples=250, final_num_samples=500, batch_size=250)
+    assert setting_key(curve) == "domain-n250-ddpm250-cfg1.0-s0-of500"
+    assert setting_key(final_setting(curve)) == "domain-n500-ddpm250-cfg1.0-s0"
+    assert stream_samples(curve) == 500 and final_setting(EvalConfig()) is None
+    assert setting_key(replace(curve, final_num_samples=250)) == "domain-n250-ddpm250-cfg1.0-s0"  # no longer draw
 
 
 def test_labels_are_balanced_and_seeded():
@@ -91,6 +103,23 @@ def test_samples_npz_has_the_adm_layout(tmp_path):
     assert images.std() > 0  # not a constant image
     assert np.array_equal(labels, balanced_labels(10, 10, 0).numpy())
     assert not (tmp_path / "s.npz.parts").exists()  # shards are removed after assembly
+
+
+def test_a_draw_of_the_first_samples_of_a_stream_is_a_prefix_of_the_whole_draw(tmp_path):
+    torch.set_num_threads(1)
+    model = tiny_model()
+    whole = sample_to_npz(model, DiffusionConfig(), PLAN, 12, **FAST, seed=3, batch_size=4,
+                          out_path=tmp_path / "whole.npz", device="cpu", progress=False)
+    first = sample_to_npz(model, DiffusionConfig(), PLAN, 8, **FAST, seed=3, batch_size=4, stream=12,
+                          out_path=tmp_path / "first.npz", device="cpu", progress=False)
+    plain = sample_to_npz(model, DiffusionConfig(), PLAN, 8, **FAST, seed=3, batch_size=4,
+                          out_path=tmp_path / "plain.npz", device="cpu", progress=False)
+    with np.load(whole) as w, np.load(first) as f, np.load(plain) as p:
+        assert np.array_equal(f["arr_0"], w["arr_0"][:8]) and np.array_equal(f["arr_1"], w["arr_1"][:8])
+        assert not np.array_equal(p["arr_1"], w["arr_1"][:8])  # a plain 8-sample draw balances its own labels
+    with pytest.raises(ValueError, match="stream=4 is shorter than num_samples=8"):
+        sample_to_npz(model, DiffusionConfig(), PLAN, 8, **FAST, stream=4, out_path=tmp_path / "x.npz",
+                      device="cpu", progress=False)
 
 
 def test_concat_npz_streams_shards_into_one_npz(tmp_path):
@@ -208,6 +237,48 @@ def test_evaluate_checkpoint_uses_the_runs_eval_config(tmp_path):
     row = evaluate_checkpoint(run.path, 2, device="cpu", progress=False)
     assert row["setting"] == "domain-n20-ddim2-cfg1.0-s0-ref200" and row["precision"] is None
     assert row["npz"] is None and not list(run.samples.glob("*.npz"))
+
+
+def test_the_final_checkpoint_is_scored_at_both_sizes_from_one_draw(tmp_path):
+    torch.set_num_threads(1)
+    curve = EvalConfig(num_samples=10, final_num_samples=20, **FAST, batch_size=10, num_ref=200, kid=True)
+    run = make_run(tmp_path, steps=(2, 4), eval_cfg=curve)
+    assert missing_evals(run.path, curve, 2, 4) == [2, 4]
+    mid = evaluate_checkpoint(run.path, 2, curve, device="cpu", progress=False, final_step=4)
+    assert mid["setting"] == "domain-n10-ddim2-cfg1.0-s0-ref200-of20" and mid["metric_name"] == "fd10_domain"
+    assert len(read_jsonl(run.evals)) == 1  # an intermediate checkpoint: the curve's row only
+    assert {"kid10_domain", "kid_std10_domain"} <= set(mid["metrics"]) and mid["kid"] is not None
+    with np.load(mid["npz"]) as f:
+        assert f["arr_0"].shape[0] == 10
+
+    row = evaluate_checkpoint(run.path, 4, curve, device="cpu", progress=False, final_step=4)
+    rows = {r["setting"]: r for r in read_jsonl(run.evals) if r["step"] == 4}
+    big = rows[setting_key(final_setting(curve))]
+    assert row == rows[setting_key(curve)] and row["metric_name"] == "fd10_domain"
+    assert big["metric_name"] == "fd20_domain" and {"fd20_domain", "kid20_domain"} <= set(big["metrics"])
+    assert row["npz"] == big["npz"]  # one draw of 20; the curve's row scores its first 10
+    images = np.load(big["npz"])["arr_0"]
+    assert images.shape[0] == 20
+    direct = ev.compute_metrics(ev.UInt8Images(images[:10]), *_reference(run), prc=False, kid=False,
+                                progress=False)
+    assert direct["fd"] == pytest.approx(row["fd"], rel=1e-9) and big["fd"] != row["fd"]
+    assert missing_evals(run.path, curve, 2, 4) == []
+
+    # the final step's larger draw is due on its own when only the curve's row is there
+    kept = [r for r in read_jsonl(run.evals) if r["setting"] == setting_key(curve)]
+    run.evals.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    assert missing_evals(run.path, curve, 2, 4) == [4]
+
+
+def _reference(run):
+    """(reference images, feature space) as evaluate_checkpoint builds them for the run's data."""
+    from scaling.features import build_extractor
+
+    cfg = ev.run_config(run)
+    pixel_cfg = ev.pixel_data_config(cfg.data)
+    space = build_extractor("domain", pixel_cfg, progress=False)
+    ref, _ = ev.reference_set(pixel_cfg, 200)
+    return ref, space
 
 
 def test_missing_evals_every_kth_checkpoint(tmp_path):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from analysis.figures import (PAPER_LABEL, NoData, fig5_blocks, fig6_steps, fig8_gflops, fig9_train_compute,
-                              fig10_sampling_compute, main, model_label)
+                              fig10_sampling_compute, headline_setting, main, model_label)
 from fakes import make_fake_run, make_laptop_grid
 from helpers import drawn_legend_texts
 from scaling.results import REFERENCE_CSV, collect, paper_table
@@ -200,3 +200,20 @@ def test_every_plotted_model_is_named_in_a_drawn_legend(laptop, tmp_path, make):
         labels = set(out.data.loc[out.data["kind"].isin(["point", "checkpoint"]), "label"]) or labels
     texts = drawn_legend_texts(out.fig)
     assert labels and labels <= set(texts), sorted(labels - set(texts))
+
+
+def test_fig8_takes_the_final_checkpoints_larger_sample_and_fig6_the_curves(tmp_path):
+    """The laptop study's layout: FD-250 at every checkpoint, FD-500 at the last one (eval.final_num_samples)."""
+    for i, (size, patch) in enumerate((("s", 4), ("b", 4), ("l", 4), ("xl", 4))):
+        evals = [{"step": s, "fd": 400.0 / (i + 1) / s ** 0.5, "num_samples": 250,
+                  "metric_name": "fd250_domain"} for s in (150, 300, 450, 600)]
+        evals.append({"step": 600, "fd": 300.0 / (i + 1) / 600 ** 0.5, "num_samples": 500,
+                      "metric_name": "fd500_domain"})
+        make_fake_run(tmp_path, f"laptop_{size}", patch, evals=evals, steps=600)
+    df = collect([tmp_path])
+    assert set(headline_setting(df)["num_samples"]) == {500}
+    assert set(headline_setting(df, step=300)["num_samples"]) == {250}  # FD-500 exists only at step 600
+    f8 = fig8_gflops(df, tmp_path / "figs", n_boot=20)
+    assert f8.fits["metric_label"] == "FD-500 (domain features)" and f8.fits["step"] == 600
+    f6 = fig6_steps(df, tmp_path / "figs")
+    assert len(f6.data) == 16 and sorted(set(f6.data["step"])) == [150, 300, 450, 600]

@@ -9,6 +9,7 @@ from analysis.figures import main as figures_main
 from analysis.forecasts import forecast_curve_end
 from analysis.law_figures import (build_laws, compute_envelope, fd_vs_loss, isoflop_figure, loss_curves, main,
                                   predicted_vs_measured)
+from analysis.laws import fd_metric, one_row_per_step
 from fakes import loss_table
 from helpers import drawn_legend_texts
 
@@ -94,3 +95,45 @@ def test_cli(tmp_path, capsys):
     laws = json.loads((tmp_path / "figs" / "laws.json").read_text())
     # 3 points in the first half of each curve: too few for a curve with a floor, so that check says why
     assert "no run has 4+ points of val_mse_ema" in laws["skipped_checks"]["forecast_curve_end"]
+
+
+def curves_at_250_final_at_500(seed=5) -> pd.DataFrame:
+    """The laptop study's layout (eval.final_num_samples): FD-250 at every evaluated step, and at the last step a
+    second row, FD-500 of the same checkpoint (its own setting), sharing the step's held-out loss."""
+    df = loss_table(seed=seed, steps=tuple(range(100, 1201, 100)))
+    ev = df["fd"].notna()
+    df.loc[ev, ["metric_name", "metric_label", "num_samples"]] = ["fd250_domain", "FD-250 (domain features)", 250]
+    df["fd250_domain"] = df["fd"]
+    last = df[ev & (df["step"] == df["step"].max())].copy()
+    last["fd"] = last["fd"] * 0.8  # FD-500 sits below FD-250 (FD's bias falls with N)
+    last[["metric_name", "metric_label", "num_samples", "fd250_domain"]] = ["fd500_domain",
+                                                                            "FD-500 (domain features)", 500, np.nan]
+    last["fd500_domain"] = last["fd"]
+    return pd.concat([df, last], ignore_index=True)
+
+
+def test_fd_laws_use_one_sample_size_and_the_final_size_gets_its_own_forecast(tmp_path):
+    df = curves_at_250_final_at_500()
+    assert fd_metric(df) == "fd250_domain" and fd_metric(df, "fd500_domain") == "fd500_domain"
+    one = one_row_per_step(df, prefer_col="fd250_domain")
+    assert not one.duplicated(["run_id", "step"]).any() and len(one) == df[["run_id", "step"]].drop_duplicates().shape[0]
+    last = one[one["step"] == one["step"].max()]
+    assert last["fd500_domain"].notna().all() and (last["fd"] == last["fd250_domain"]).all()
+    assert (last["metric_name"] == "fd250_domain").all()
+
+    outputs, fits = build_laws(df, tmp_path, n_boot=10)
+    assert fits["fd_col"] == "fd250_domain"
+    held = fits["held_out"]
+    assert {"forecast_largest", "forecast_fd", "forecast_fd[fd500_domain]", "forecast_curve_end"} <= set(held)
+    assert held["forecast_fd"]["y_col"] == "fd250_domain" and held["forecast_fd[fd500_domain]"]["n_predicted"] == 3
+    # FD(loss) of the curves is fitted on the 9 small runs' FD-250 points only (4 evaluated steps each)
+    assert fits["fd_vs_loss"]["fd_vs_loss"]["n"] == 9 * 4
+    pv = pd.read_csv(tmp_path / "predicted_vs_measured.csv")
+    assert set(pv["y_col"]) >= {"fd250_domain", "fd500_domain", "val_mse_ema"}
+
+
+def test_one_fd_metric_is_left_alone():
+    df = loss_table(seed=1)
+    assert fd_metric(df) == "fd"
+    one = one_row_per_step(df, prefer_col="fd")
+    pd.testing.assert_frame_equal(one.reset_index(drop=True), df.reset_index(drop=True), check_dtype=False)
