@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from scaling.signals import ENVIRONMENT
+
 STATES = ("pending", "running", "done", "failed", "preempted")
 HOST = socket.gethostname()
 LEASE_STALE_S = 600.0   # a lease on another host whose heartbeat is older than this is dead
@@ -233,17 +235,13 @@ def clean_temporary(run: "RunDir", stale_s: float = LEASE_STALE_S) -> list[Path]
 # ----------------------------------------------------------------------------- status
 
 
-_JOB_LABEL: dict[int, str | None] = {}
-
-
 def slurm_job_label() -> str | None:
     """This process's SLURM job as squeue and scancel name it: `<array job>_<task>` for an array task (whose
-    SLURM_JOB_ID is a number of its own: `scancel <that>` would name another job), else SLURM_JOB_ID. Read once per
-    process (a thread that submits an eval job hides the SLURM_* variables for a moment)."""
-    if os.getpid() not in _JOB_LABEL:
+    SLURM_JOB_ID is a number of its own: `scancel <that>` would name another job), else SLURM_JOB_ID. Read under the
+    lock a thread holds while it hides the SLURM_* variables to submit an eval job (scaling.slurm)."""
+    with ENVIRONMENT:
         array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-        _JOB_LABEL[os.getpid()] = f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
-    return _JOB_LABEL[os.getpid()]
+        return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
 def launched_points(output_root) -> tuple[dict[str, dict], list[str] | None]:

@@ -43,6 +43,7 @@ def test_a_wheel_runs_the_paper_dry_run_and_a_laptop_step_outside_the_repository
     dry = run("-m", "scaling.launch", "-m", "model=dit_s,dit_b,dit_l,dit_xl", "patch=2,4,8", "dry_run=true")
     assert dry.returncode == 0 and "12 points, 12 runs" in dry.stdout, dry.stderr
     step = run("-m", "scaling.launch", "--config-name", "laptop", "-m", "model=laptop_s", "patch=8",
-               "train.steps=1", "eval.num_samples=16", "eval.num_ref=200", f"output_root={tmp_path / 'out'}")
+               "train.steps=1", "eval.num_samples=16", "eval.final_num_samples=32", "eval.batch_size=16",
+               "eval.num_ref=200", f"output_root={tmp_path / 'out'}")
     assert step.returncode == 0 and step.stdout.strip().endswith(": done"), step.stdout + step.stderr
     assert len(list((tmp_path / "out" / "runs").glob("laptop_s-p8-*/checkpoints/step_0000001.pt"))) == 1

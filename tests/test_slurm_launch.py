@@ -100,7 +100,7 @@ def test_a_detached_grid_finishes_with_its_eval_jobs_and_analysis_and_no_launche
     argv = ["--config-name", "laptop", "-m", "model=laptop_s,laptop_b", "patch=8", *tiny, "val.every=3",
             "train.ckpt_every=3", "train.steps=6",
             "eval.inline=false", "eval.num_samples=16", "eval.num_ref=64", "eval.sampling_steps=5",
-            "eval.batch_size=16", "analyze=true", f"output_root={tmp_path}", *DETACHED]
+            "eval.batch_size=16", "eval.final_num_samples=0", "analyze=true", f"output_root={tmp_path}", *DETACHED]
     env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
            "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}
     t0 = time.time()
