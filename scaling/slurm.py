@@ -323,6 +323,8 @@ def job_ended(job, states: dict[str, str] | None = None) -> bool:
     if job.done():
         return True
     state = states.get(str(job.job_id)) if states is not None else slurm_state(job.job_id)
+    if state == "GONE" and states is not None:  # not in squeue's answer: scontrol, for this job alone, decides
+        state = slurm_state(job.job_id)
     return state in SLURM_ENDED | {"GONE"}
 
 

@@ -16,9 +16,10 @@ def have_slurm() -> bool:
 
 
 def slurm_states(job_ids: list[str]) -> dict[str, str]:
-    """JobState of several jobs in one squeue call ("GONE" for those SLURM no longer lists); array tasks as 32_1."""
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True,
-                         text=True, timeout=60)
+    """JobState of several jobs in one squeue call ("GONE" for those SLURM no longer lists); array tasks as 32_1,
+    one line each (`-r`: a pending array is otherwise listed once as 32_[0-3])."""
+    out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i %T", "-j", ",".join(job_ids)],
+                         capture_output=True, text=True, timeout=60)
     if out.returncode:  # squeue refuses the whole list when one id is unknown to it: one query each
         return {j: slurm_state(j) for j in job_ids}
     listed = dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
