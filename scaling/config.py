@@ -57,7 +57,8 @@ class TrainConfig:
     compile: bool = False        # torch.compile the model (the checkpoint always holds the plain weights)
     ckpt_every: int = 50_000     # steps between checkpoints (one is always written at the end)
     log_every: int = 100         # steps between metrics.jsonl rows
-    grid_every: int = 0          # steps between EMA sample grids when evals are off; 0 = at checkpoints
+    grid_every: int = 0          # steps between EMA sample grids; 0 = at checkpoints no inline eval draws at (an eval
+                                 # writes samples/eval_step*.png from its own samples)
     num_workers: int = 0         # data loader processes (0: in-process, right for the in-memory datasets)
     budget_flops: float = 0.0    # > 0: a compute horizon in FLOPs that sets steps (scaling.config.budget_steps)
 

@@ -68,6 +68,7 @@ def test_run_directory_contract(tmp_path):
     assert {"step", "img_seen", "loss", "lr", "grad_norm", "img_per_s"} <= row.keys()
     assert row["img_seen"] == 24
     assert list_steps(run) == [3]
+    assert (run.samples / "grid_step_0000003.png").is_file()  # no inline eval drew here: the job draws a grid
     assert read_status(run)["state"] == "done"
     assert run.config.read_text().startswith("model:")
     assert not run.lock.exists()  # the lease is released
@@ -137,7 +138,9 @@ def test_loss_falls_fd_falls_and_grids_are_written(tmp_path):
     run = run_dir_for(cfg)
     rows = read_jsonl(run.metrics)
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
-    assert (run.samples / "grid_step_0000300.png").is_file()
+    # Each evaluated checkpoint's grid comes from the eval's own draw; no second sampling for a grid.
+    assert sorted(p.name[:15] for p in run.samples.glob("eval_step*.png")) == ["eval_step000015", "eval_step000030"]
+    assert not list(run.samples.glob("grid_step_*.png"))
     evals = read_jsonl(run.evals)
     assert [r["step"] for r in evals] == [150, 300]
     first, last = evals
