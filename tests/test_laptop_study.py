@@ -49,6 +49,10 @@ def test_the_readme_main_command_is_this_sweep():
 def test_every_grid_point_trains_and_is_evaluated_at_each_checkpoint(study):
     root, first = study
     assert first.stdout.count("[launch] started") == 12
+    # The grid is analysed once, after its last job; no job analyses (each would redo the bootstraps: ~40 s a job
+    # in the full study).
+    assert first.stdout.count("Fig. 8 at step") == 1
+    assert not [log.name for log in (root / "logs").glob("*.log") if "Fig. 8 at step" in log.read_text()]
     started = re.findall(r"started (laptop_[a-z]+-p\d)", first.stdout)
     assert started[0] == "laptop_xl-p2" and set(started[-2:]) <= {"laptop_s-p8", "laptop_s-p4", "laptop_b-p8"}
     status = subprocess.run([sys.executable, "-m", "scaling.status", str(root)], capture_output=True, text=True)

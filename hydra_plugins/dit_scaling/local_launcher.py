@@ -49,12 +49,13 @@ class LocalPoolLauncher(Launcher):
 
     def job_command(self, overrides: Sequence[str], job_num: int) -> list[str]:
         """The command that runs one point in its own process: the launcher without -m, its Hydra records in the
-        launch's folder (<sweep dir>/<job number>/.hydra)."""
+        launch's folder (<sweep dir>/<job number>/.hydra). analyze=false: the sweeper analyses the grid once, after
+        its last job (a job that analysed too would redo the table, figures and bootstraps at each job's end)."""
         cmd = [sys.executable, "-m", "scaling.launch"]
         if config_dir := config_dir_of(self.config):
             cmd += ["--config-dir", config_dir]
         run_dir = Path(str(self.config.hydra.sweep.dir)) / str(job_num)
-        return cmd + ["--config-name", str(self.config.hydra.job.config_name), *overrides,
+        return cmd + ["--config-name", str(self.config.hydra.job.config_name), *overrides, "analyze=false",
                       f"hydra.run.dir={run_dir}"]
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
