@@ -139,6 +139,15 @@ def job_return(overrides: list[str], value: dict) -> JobReturn:
     return ret
 
 
+def job_value(ret: JobReturn) -> dict:
+    """What a launcher returned for a job: a dict with its state, or `failed: <error>` for a job that raised."""
+    try:
+        value = ret.return_value
+    except Exception as e:  # noqa: BLE001 - the job raised: its run directory says failed
+        return {"state": f"failed: {type(e).__name__}: {first_line(str(e))}"}
+    return value if isinstance(value, dict) else {"state": "done"}
+
+
 def hydra_dir() -> str | None:
     """The Hydra output folder of this job (its .hydra/ holds the composed config and overrides), if any."""
     return HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else None

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import submitit
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 from omegaconf import OmegaConf
 
 from scaling.config import RunConfig, config_from_dict, run_dir_for
 from scaling.evaluate import missing_evals, setting_key
-from scaling.jobs import (Point, analyze, evaluate_missing, first_line, hydra_dir, point_state, run_point,
-                          use_cpu_allocation)
+from scaling.jobs import (Point, analyze, evaluate_missing, first_line, hydra_dir, job_value, point_state,
+                          run_point, use_cpu_allocation)
 from scaling.provenance import record_launch
 from scaling.rundir import append_jsonl, load_json, read_jsonl, write_json
 from scaling.signals import ENVIRONMENT
@@ -289,7 +288,7 @@ def submit_and_wait(jobs_by_point: dict) -> dict[str, str]:
             states, asked = slurm_states([str(j.job_id) for j in pending]), time.monotonic()
         for job in [j for j in pending if job_ended(j, states)]:
             try:
-                outcome = job_outcome(job_result(job))
+                outcome = job_value(job_result(job)).get("state", "done")
             except Exception as e:  # noqa: BLE001 - killed, out of memory, node lost: the run dir keeps its state
                 outcome = f"failed: {first_line(str(e))}"
             if outcome == "preempted" and requeued(job):
@@ -336,12 +335,3 @@ def job_result(job):
         time.sleep(1.0)
     raise RuntimeError(f"job {job.job_id} ended ({slurm_state(job.job_id)}) without a result; see "
                        f"{job.paths.stderr}")
-
-
-def job_outcome(ret: JobReturn) -> str:
-    """The state a finished Hydra job returned, or `failed: <error>` for a job that raised."""
-    try:
-        value = ret.return_value
-    except Exception as e:  # noqa: BLE001 - the job raised; its run directory says failed
-        return f"failed: {type(e).__name__}: {first_line(str(e))}"
-    return value.get("state", "done") if isinstance(value, dict) else "done"

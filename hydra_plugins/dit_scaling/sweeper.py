@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.plugins import Plugins
-from hydra.core.utils import JobReturn
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from scaling.config import config_to_dict
 from scaling.grid import (Composer, check_placement, compose_points, config_dir_of, grid_overrides, group_dirs,
                           launcher_kind, one_line_error)
-from scaling.jobs import EXIT_BAD_INPUT, LaunchExit, Point, analyze, point_state, summarize, waves
+from scaling.jobs import EXIT_BAD_INPUT, LaunchExit, Point, analyze, job_value, point_state, summarize, waves
 from scaling.plan import format_plan, plan_rows
 from scaling.provenance import launch_record
 from scaling.rundir import launched_points, write_json
@@ -140,12 +139,3 @@ class GridSweeper(Sweeper):
         if code:
             raise LaunchExit(code)
         return returns
-
-
-def job_value(ret: JobReturn) -> dict:
-    """What a launcher returned for a job: a dict with its state, or the error of a job that raised."""
-    try:
-        value = ret.return_value
-    except Exception as e:  # noqa: BLE001 - the job raised: its run directory says failed
-        return {"state": f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
-    return value if isinstance(value, dict) else {"state": "done"}
