@@ -78,9 +78,36 @@ class JointLaw:
         return {**asdict(self), "n_opt_exponent": self.n_opt_exponent}
 
 
-def _joint_objective(p, log_n, log_d, log_l, delta):
-    """Huber(delta) of LSE(a' - a log N, b' - b log D, e) - log L, summed, and its gradient (p = a', a, b', b, e)."""
-    terms = np.stack([p[0] - p[1] * log_n, p[2] - p[3] * log_d, np.full_like(log_n, p[4])])  # (3, n)
+@dataclass(frozen=True)
+class AxesLaw:
+    """L = E + sum_k A_k / x_k^a_k over named columns of the results table, e.g. ("params", "tokens",
+    "img_seen"): the joint law with its size split into the two things a DiT grid varies, the transformer
+    (parameters) and the patch (tokens per image). Gflops is about their product, so a law in Gflops alone
+    gives laptop-XL/4 (0.052 Gflops) the loss of a bigger model than B/2 (0.042), where it is worse."""
+    E: float
+    axes: tuple
+    A: tuple
+    a: tuple
+    n: int = 0
+    n_starts: int = 0
+    rmse_log: float = float("nan")
+
+    def loss(self, frame) -> np.ndarray:
+        """The law at the rows of `frame` (a DataFrame or a mapping holding every axis)."""
+        total = self.E
+        for axis, A, a in zip(self.axes, self.A, self.a):
+            total = total + np.exp(np.log(A) - a * np.log(np.asarray(frame[axis], dtype=float)))
+        return np.asarray(total, dtype=float)
+
+    def to_dict(self) -> dict:
+        return {"E": self.E, "terms": {ax: {"A": A, "a": a} for ax, A, a in zip(self.axes, self.A, self.a)},
+                "n": self.n, "n_starts": self.n_starts, "rmse_log": self.rmse_log}
+
+
+def _additive_objective(p, X, log_l, delta):
+    """Huber(delta) of LSE(c_k - a_k log x_k ..., e) - log L, summed, and its gradient (p = c_1, a_1, ..., e)."""
+    c, a = p[0:-1:2], p[1:-1:2]
+    terms = np.concatenate([c[:, None] - a[:, None] * X, np.full((1, X.shape[1]), p[-1])])   # (K + 1, n)
     top = terms.max(axis=0)
     expd = np.exp(terms - top)
     total = expd.sum(axis=0)
@@ -88,27 +115,71 @@ def _joint_objective(p, log_n, log_d, log_l, delta):
     small = np.abs(r) <= delta
     value = np.where(small, 0.5 * r ** 2, delta * (np.abs(r) - 0.5 * delta)).sum()
     w = expd / total * np.where(small, r, delta * np.sign(r))                                # softmax x dHuber/dr
-    grad = np.array([w[0].sum(), -(w[0] * log_n).sum(), w[1].sum(), -(w[1] * log_d).sum(), w[2].sum()])
+    grad = np.empty_like(p)
+    grad[0:-1:2], grad[1:-1:2], grad[-1] = w[:-1].sum(axis=1), -(w[:-1] * X).sum(axis=1), w[-1].sum()
     return value, grad
 
 
-def _grid_values(inits: np.ndarray, log_n, log_d, log_l, delta) -> np.ndarray:
-    """The objective at every starting point at once, (S, 5) -> (S,)."""
-    terms = np.stack([inits[:, [0]] - inits[:, [1]] * log_n, inits[:, [2]] - inits[:, [3]] * log_d,
-                      np.repeat(inits[:, [4]], log_n.size, axis=1)])                            # (3, S, n)
-    top = terms.max(axis=0)
-    r = np.abs(top + np.log(np.exp(terms - top).sum(axis=0)) - log_l)
+def _grid_values(inits: np.ndarray, X, log_l, delta) -> np.ndarray:
+    """The objective at every starting point at once, (S, 2K + 1) -> (S,)."""
+    c, a = inits[:, 0:-1:2], inits[:, 1:-1:2]                                                 # (S, K)
+    terms = np.concatenate([c[:, :, None] - a[:, :, None] * X[None], inits[:, None, [-1]].repeat(X.shape[1], 2)],
+                           axis=1)                                                            # (S, K + 1, n)
+    top = terms.max(axis=1)
+    r = np.abs(top + np.log(np.exp(terms - top[:, None]).sum(axis=1)) - log_l)
     return np.where(r <= delta, 0.5 * r ** 2, delta * (r - 0.5 * delta)).sum(axis=1)
 
 
-def fit_joint_law(N, D, L, starts=None, delta: float = HUBER_DELTA, grid: int = 4, n_local: int = 12) -> JointLaw:
-    """Fit L = E + A / N^a + B / D^b (Besiroglu et al. 2024): Huber on log L, L-BFGS, best of many starts.
+def _fit_additive(xs, L, starts=(), delta: float = HUBER_DELTA, grid: int = 4, n_local: int = 12):
+    """The one fitter of the additive laws: L = E + sum_k A_k / x_k^a_k, Huber on log L (Besiroglu et al. 2024),
+    L-BFGS from the `n_local` best of a grid of starting points (`grid` values of each parameter, all scored at
+    once) and from `starts` ((E, [A_k], [a_k]) in physical units, e.g. the full-data fit when bootstrapping).
+    Each x_k is scaled by its geometric mean inside the fit so that one grid suits any units; exponents are
+    bounded to [0, 5]. Returns (E, A, a, n_starts, rmse_log)."""
+    X = np.log(np.stack([np.asarray(x, dtype=float).ravel() for x in xs]))                   # (K, n)
+    x0 = X.mean(axis=1)
+    X = X - x0[:, None]
+    log_l = np.log(np.asarray(L, dtype=float).ravel())
+    K, lmin = X.shape[0], float(log_l.min())
+    span = np.linspace(0, 1, grid)
+    axes = [lmin - 4.0 + 4.0 * span, 0.05 + 1.45 * span] * K + [lmin + np.log(0.05 + 0.9 * span)]
+    inits = np.array(list(itertools.product(*axes)))
+    if inits.shape[0] > n_local:
+        inits = inits[np.argsort(_grid_values(inits, X, log_l, delta), kind="stable")[:n_local]]
+    extra = [np.array([v for A, a, m in zip(As, as_, x0) for v in (np.log(A) - a * m, a)] + [np.log(max(E, 1e-12))])
+             for E, As, as_ in starts]  # physical units -> the scaled parametrisation
+    bounds = [(None, None), (0.0, 5.0)] * K + [(None, None)]
+    best = None
+    for p0 in list(inits) + extra:
+        res = minimize(_additive_objective, p0, args=(X, log_l, delta), jac=True, method="L-BFGS-B", bounds=bounds)
+        if best is None or res.fun < best.fun:
+            best = res
+    p = best.x
+    a = p[1:-1:2]
+    A = np.exp(p[0:-1:2] + a * x0)
+    E = float(np.exp(p[-1]))
+    pred = E + np.exp(np.log(A)[:, None] - a[:, None] * (X + x0[:, None])).sum(axis=0)
+    rmse = float(np.sqrt(np.mean((np.log(pred) - log_l) ** 2)))
+    return E, [float(v) for v in A], [float(v) for v in a], int(grid ** (2 * K + 1) + len(extra)), rmse
 
-    N and D are scaled by their geometric means inside the fit so that one grid of starts suits any units. The
-    grid holds `grid` values of each of the five parameters (4 -> 1024 starting points); all are scored at once
-    and L-BFGS runs from the `n_local` best of them and from `starts` (JointLaw objects, e.g. the full-data fit
-    when bootstrapping); the lowest objective wins. Exponents are bounded to [0, 5].
-    """
+
+def _check_law_inputs(cols: dict, L) -> None:
+    n = {k: np.asarray(v).size for k, v in cols.items()}
+    if len(set(n.values()) | {np.asarray(L).size}) > 1:
+        raise ValueError(f"the law's columns differ in length: {n} and L {np.asarray(L).size}")
+    bad = [k for k, v in {**cols, "L": L}.items() if np.any(np.asarray(v, dtype=float) <= 0)]
+    if bad:
+        raise ValueError(f"the law needs every value > 0; not so in {', '.join(bad)}")
+    few = [k for k, v in cols.items() if np.unique(np.asarray(v)).size < 2]
+    if few or np.asarray(L).size < 2 * len(cols) + 1:
+        raise ValueError(f"the law needs {2 * len(cols) + 1}+ points and 2+ distinct values of every axis; got "
+                         f"{np.asarray(L).size} points, " + ", ".join(f"{np.unique(np.asarray(v)).size} of {k}"
+                                                                       for k, v in cols.items()))
+
+
+def fit_joint_law(N, D, L, starts=None, delta: float = HUBER_DELTA, grid: int = 4, n_local: int = 12) -> JointLaw:
+    """Fit L = E + A / N^a + B / D^b (Besiroglu et al. 2024): Huber on log L, L-BFGS, best of many starts
+    (`_fit_additive`; `starts`: JointLaw objects, e.g. the full-data fit when bootstrapping)."""
     N, D, L = (np.asarray(v, dtype=float).ravel() for v in (N, D, L))
     if not (N.shape == D.shape == L.shape):
         raise ValueError(f"N, D and L differ in length: {N.size}, {D.size}, {L.size}")
@@ -117,29 +188,24 @@ def fit_joint_law(N, D, L, starts=None, delta: float = HUBER_DELTA, grid: int = 
     if np.unique(N).size < 2 or np.unique(D).size < 2 or N.size < 5:
         raise ValueError(f"the joint law needs 5+ points over 2+ sizes and 2+ data sizes; got {N.size} points, "
                          f"{np.unique(N).size} sizes, {np.unique(D).size} data sizes")
-    n0, d0 = np.exp(np.mean(np.log(N))), np.exp(np.mean(np.log(D)))
-    log_n, log_d, log_l = np.log(N / n0), np.log(D / d0), np.log(L)
-    lmin = float(np.log(L.min()))
-    span = np.linspace(0, 1, grid)
-    inits = np.array(list(itertools.product(lmin - 4.0 + 4.0 * span, 0.05 + 1.45 * span, lmin - 4.0 + 4.0 * span,
-                                            0.05 + 1.45 * span, lmin + np.log(0.05 + 0.9 * span))))
-    if inits.shape[0] > n_local:
-        inits = inits[np.argsort(_grid_values(inits, log_n, log_d, log_l, delta), kind="stable")[:n_local]]
-    extra = [[np.log(s.A) - s.a * np.log(n0), s.a, np.log(s.B) - s.b * np.log(d0), s.b, np.log(max(s.E, 1e-12))]
-             for s in starts or ()]  # JointLaw in physical units -> the scaled parametrisation
-    bounds = [(None, None), (0.0, 5.0), (None, None), (0.0, 5.0), (None, None)]
-    best = None
-    for p0 in list(inits) + [np.array(e) for e in extra]:
-        res = minimize(_joint_objective, p0, args=(log_n, log_d, log_l, delta), jac=True, method="L-BFGS-B",
-                       bounds=bounds)
-        if best is None or res.fun < best.fun:
-            best = res
-    pa, a, pb, b, e = best.x
-    law = JointLaw(E=float(np.exp(e)), A=float(np.exp(pa + a * np.log(n0))), a=float(a),
-                   B=float(np.exp(pb + b * np.log(d0))), b=float(b), n=int(N.size),
-                   n_starts=int(grid ** 5 + len(extra)))
-    rmse = float(np.sqrt(np.mean((np.log(law.loss(N, D)) - log_l) ** 2)))
-    return JointLaw(**{**asdict(law), "rmse_log": rmse})
+    E, (A, B), (a, b), n_starts, rmse = _fit_additive(
+        [N, D], L, [(s.E, [s.A, s.B], [s.a, s.b]) for s in starts or ()], delta, grid, n_local)
+    return JointLaw(E=E, A=A, a=a, B=B, b=b, n=int(N.size), n_starts=n_starts, rmse_log=rmse)
+
+
+def fit_axes_law(df: pd.DataFrame, axes, loss_col: str, starts=None, delta: float = HUBER_DELTA, grid: int = 4,
+                 n_local: int = 12) -> AxesLaw:
+    """Fit L = E + sum_k A_k / x_k^a_k over the columns `axes` of `df` (AxesLaw), as fit_joint_law does."""
+    axes = tuple(axes)
+    missing = [c for c in (*axes, loss_col) if c not in df.columns]
+    if missing:
+        raise ValueError(f"the law's columns {missing} are not in the table; allowed: {sorted(df.columns)}")
+    d = _finite(df, *axes, loss_col)
+    cols = {c: d[c].to_numpy(float) for c in axes}
+    _check_law_inputs(cols, d[loss_col].to_numpy(float))
+    E, A, a, n_starts, rmse = _fit_additive(list(cols.values()), d[loss_col],
+                                            [(s.E, s.A, s.a) for s in starts or ()], delta, grid, n_local)
+    return AxesLaw(E=E, axes=axes, A=tuple(A), a=tuple(a), n=int(len(d)), n_starts=n_starts, rmse_log=rmse)
 
 
 @dataclass

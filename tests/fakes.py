@@ -145,6 +145,27 @@ def loss_table(seed=0, sigma=0.005, steps=tuple(range(50, 1201, 50)), batch_img=
     return pd.DataFrame(rows)
 
 
+AXES_LAW = {"E": 0.05, "params": (40.0, 0.45), "tokens": (0.08, 0.6), "img_seen": (3.0, 0.5)}
+
+
+def axes_table(sigma=0.0, seed=0):
+    """4 widths x 3 patch sizes x 12 logged steps whose loss is AXES_LAW x lognormal(sigma): additive in
+    parameters, tokens per image and images seen, so Gflops (their product) alone cannot describe it."""
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for params in (2.5e5, 1e6, 3.5e6, 4.8e6):
+        for tokens in (4, 16, 64):
+            for d in range(1600, 19201, 1600):
+                loss = AXES_LAW["E"] + sum(A * v ** -a for v, (A, a) in zip(
+                    (params, tokens, d), (AXES_LAW["params"], AXES_LAW["tokens"], AXES_LAW["img_seen"])))
+                rows.append({"run_id": f"p{params:g}-t{tokens}", "params": params, "tokens": tokens,
+                             "img_seen": d, "gflops_per_img": params * tokens * 2e-9,
+                             "val_mse_ema": loss * np.exp(rng.normal(0, sigma))})
+    return pd.DataFrame(rows)
+
+
 def write_example_figures(out_dir="docs/figures") -> None:
     """docs/figures/: Fig. 8 from the paper's Table 4, and placeholder Fig. 6 / Fig. 9 from the synthetic
     laptop grid (example_*.png, marked as synthetic until real laptop-study results exist).

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from analysis.fits import bootstrap_frontier, fit_frontier
-from analysis.laws import (FLOPS_PER_GFLOP_IMG, JointLaw, bootstrap_joint_law, default_budgets, fit_fd_vs_loss,
-                           fit_joint_law, isoflop_profiles, loss_at_budget, parabola_optimum)
-from fakes import FD_LAW, LOSS_LAW, loss_table
+from analysis.laws import (FLOPS_PER_GFLOP_IMG, JointLaw, bootstrap_joint_law, default_budgets, fit_axes_law,
+                           fit_fd_vs_loss, fit_joint_law, isoflop_profiles, loss_at_budget, parabola_optimum)
+from fakes import AXES_LAW, FD_LAW, LOSS_LAW, axes_table, loss_table
 
 TRUE = JointLaw(**LOSS_LAW)
 
@@ -35,6 +35,32 @@ def test_joint_law_is_robust_to_broken_points():
         fit_joint_law([1, 1, 1, 1, 1], [1, 2, 3, 4, 5], [1, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="L > 0"):
         fit_joint_law([1, 2, 3, 4, 5], [1, 2, 3, 4, 5], [1, 1, 0, 1, 1])
+
+
+def test_axes_law_recovers_params_tokens_and_data_exponents():
+    df = axes_table()
+    law = fit_axes_law(df, ("params", "tokens", "img_seen"), "val_mse_ema")
+    assert law.E == pytest.approx(AXES_LAW["E"], rel=2e-3) and law.n == len(df) and law.n_starts == 4 ** 7
+    for axis, A, a in zip(law.axes, law.A, law.a):
+        assert (A, a) == pytest.approx(AXES_LAW[axis], rel=5e-3), axis
+    np.testing.assert_allclose(law.loss(df), df["val_mse_ema"], rtol=1e-4)
+    noisy = fit_axes_law(axes_table(sigma=0.005, seed=1), ("params", "tokens", "img_seen"), "val_mse_ema")
+    assert noisy.a == pytest.approx((0.45, 0.6, 0.5), abs=0.06)
+    # The joint law is the two-axis case of the same fitter: the same numbers either way.
+    j = fit_joint_law(df["gflops_per_img"], df["img_seen"], df["val_mse_ema"])
+    two = fit_axes_law(df, ("gflops_per_img", "img_seen"), "val_mse_ema")
+    assert (j.E, j.A, j.a, j.B, j.b) == pytest.approx((two.E, *two.A[:1], *two.a[:1], two.A[1], two.a[1]))
+
+
+def test_axes_law_refuses_what_it_cannot_fit():
+    df = axes_table()
+    with pytest.raises(ValueError, match="columns \\['patch_area'\\] are not in the table"):
+        fit_axes_law(df, ("params", "patch_area"), "val_mse_ema")
+    with pytest.raises(ValueError, match="2\\+ distinct values of every axis; got .* 1 of tokens"):
+        fit_axes_law(df[df["tokens"] == 16], ("params", "tokens", "img_seen"), "val_mse_ema")
+    bad = df.assign(params=df["params"].where(df.index > 0, 0.0))
+    with pytest.raises(ValueError, match="every value > 0; not so in params"):
+        fit_axes_law(bad, ("params", "img_seen"), "val_mse_ema")
 
 
 def test_n_opt_of_the_joint_law_minimises_the_loss_at_fixed_compute():
