@@ -83,10 +83,11 @@ def compute_envelope(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, n_boot
     x_pred = np.geomspace(front["train_flops"].min(), d["train_flops"].max() * 4, 60)
     boot = bootstrap_frontier(d, "train_flops", loss_col, n_boot=n_boot, seed=seed, floor=True, x_pred=x_pred)
     f, (lo, hi) = boot.fit, boot.ci["alpha"]
+    floor = f"E = {f.E:.4g}" if f.E > 1e-6 * front[loss_col].min() else "E at its bound 0 (no floor identified)"
     ax.fill_between(boot.pred["x"], boot.pred["y_lo"], boot.pred["y_hi"], color="0.5", alpha=0.2, lw=0, gid="band",
                     label=f"{boot.level:.0%} band ({boot.n_boot} resamples of runs)")
     ax.plot(boot.pred["x"], boot.pred["y"], color="black", ls=(0, (5, 2)), lw=1.2, gid="envelope_fit",
-            label=rf"E + A C$^{{-\alpha}}$: E = {f.E:.4g}, $\alpha$ = {f.alpha:.3f} [{lo:.3f}, {hi:.3f}]")
+            label=rf"E + A C$^{{-\alpha}}$: {floor}, $\alpha$ = {f.alpha:.3f} [{lo:.3f}, {hi:.3f}]")
     rows += [{"kind": "fit", "label": "fit", "run_id": None, "train_flops": x, loss_col: y, "lo": a, "hi": b}
              for x, y, a, b in boot.pred[["x", "y", "y_lo", "y_hi"]].itertuples(index=False)]
     _log_axis(ax.xaxis)
@@ -151,11 +152,14 @@ def n_opt_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=No
     fig, ax = _new_figure(7.0, 4.6)
     o = iso.optima
     inner = o[o["interior"]]
-    ax.errorbar(inner["budget"], inner["n_opt"], yerr=[inner["n_opt"] - inner["n_lo"], inner["n_hi"] - inner["n_opt"]],
-                fmt="o", color="C0", capsize=3, gid="isoflop_optima", label="isoFLOP optimum (interval over runs)")
+    if not inner.empty:  # a legend entry only for what is drawn
+        ax.errorbar(inner["budget"], inner["n_opt"], yerr=[inner["n_opt"] - inner["n_lo"],
+                                                           inner["n_hi"] - inner["n_opt"]],
+                    fmt="o", color="C0", capsize=3, gid="isoflop_optima", label="isoFLOP optimum (interval over runs)")
     edge = o[~o["interior"]]
-    ax.plot(edge["budget"], edge["n_opt"], ls="none", marker="x", color="C0", gid="edge_optima",
-            label="optimum at the sweep's edge (not fitted)")
+    if not edge.empty:
+        ax.plot(edge["budget"], edge["n_opt"], ls="none", marker="x", color="C0", gid="edge_optima",
+                label="optimum at the sweep's edge (not fitted)")
     cs = np.geomspace(o["budget"].min() / 3, o["budget"].max() * 10, 50)
     rows = [{"kind": "optimum" if r.interior else "edge_optimum", "train_flops": r.budget, "n_opt": r.n_opt,
              "n_lo": r.n_lo, "n_hi": r.n_hi} for r in o.itertuples(index=False)]
