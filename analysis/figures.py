@@ -28,8 +28,9 @@ from analysis.fits import (bootstrap_fit, bootstrap_frontier, compute_optimal_mo
                            pearson_log)
 from scaling.results import REFERENCE_CSV, paper_table, read_table
 
-SIZES = ("S", "B", "L", "XL")
-SIZE_COLORS = {"S": "#1f77b4", "B": "#2ca02c", "L": "#ff7f0e", "XL": "#d62728"}
+SIZES = ("XXS", "XS", "S", "M", "B", "L", "XL")
+SIZE_COLORS = {"XXS": "#17becf", "XS": "#9467bd", "S": "#1f77b4", "M": "#8c564b", "B": "#2ca02c", "L": "#ff7f0e",
+               "XL": "#d62728"}
 PATCH_STYLES = {2: "-", 4: "--", 8: ":"}
 PATCH_MARKERS = {2: "o", 4: "s", 8: "^"}
 BLOCK_LABELS = {"adaln_zero": "adaLN-Zero", "adaln": "adaLN", "cross_attn": "Cross-Attention",

@@ -19,7 +19,7 @@ import warnings
 import torch
 from torch import nn
 
-from scaling.models import BLOCKS, MODELS, build_model, check_model_args
+from scaling.models import BLOCKS, FAMILY_MODELS, MODELS, build_model, check_model_args
 
 
 def train_flops(gflops_per_img, batch_img, step):
@@ -172,7 +172,7 @@ def grid_table(family: str = "paper", input_size: int = 32, in_channels: int = 4
     """
     if family not in ("paper", "laptop"):
         raise ValueError(f"family={family!r}; allowed: paper, laptop")
-    names = [n for n in MODELS if n.startswith("dit_" if family == "paper" else "laptop_")]
+    names = FAMILY_MODELS[family]
     paper_setting = family == "paper" and (input_size, in_channels, block, num_classes) == (32, 4, "adaln_zero", 1000)
     published = paper_table() if paper_setting else {}
     rows = []

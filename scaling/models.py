@@ -403,6 +403,19 @@ MODELS: dict[str, dict[str, int]] = {
     "laptop_b": dict(depth=3, hidden_size=128, num_heads=8),
     "laptop_l": dict(depth=6, hidden_size=176, num_heads=11),
     "laptop_xl": dict(depth=7, hidden_size=192, num_heads=12),
+    # Sizes between and below those four, for isoFLOP profiles at patch 4 (sweeps/laptop_isoflop.yaml): at laptop
+    # budgets the compute-optimal size is at or below laptop-S/4, so the profiles need smaller models to span it.
+    # Patch-4 Gflops/img at 16x16x1: XXS 0.00048, XS 0.0010, S 0.0026, M 0.0058, B 0.0102 (steps of ~2.2x).
+    "laptop_xxs": dict(depth=2, hidden_size=32, num_heads=2),
+    "laptop_xs": dict(depth=2, hidden_size=48, num_heads=3),
+    "laptop_m": dict(depth=3, hidden_size=96, num_heads=6),
+}
+
+# The 4 x 3 grid of each family (the paper's Table 4 and its laptop counterpart); the other laptop presets are
+# sizes for isoFLOP profiles.
+FAMILY_MODELS: dict[str, tuple[str, ...]] = {
+    "paper": ("dit_s", "dit_b", "dit_l", "dit_xl"),
+    "laptop": ("laptop_s", "laptop_b", "laptop_l", "laptop_xl"),
 }
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from helpers import randomize_
-from scaling.models import (BLOCKS, MODELS, Attention, CrossAttention, DiT, LabelEmbedder, ModelConfig, PatchEmbed,
-                            TimestepEmbedder, build_model, sincos_pos_embed_2d)
+from scaling.models import (BLOCKS, FAMILY_MODELS, MODELS, Attention, CrossAttention, DiT, LabelEmbedder, ModelConfig,
+                            PatchEmbed, TimestepEmbedder, build_model, sincos_pos_embed_2d)
 
 PAPER = ("dit_s", "dit_b", "dit_l", "dit_xl")
 LAPTOP = ("laptop_s", "laptop_b", "laptop_l", "laptop_xl")
@@ -30,7 +30,13 @@ def test_presets_paper_and_laptop_pattern():
     assert MODELS["dit_b"] == dict(depth=12, hidden_size=768, num_heads=12)
     assert MODELS["dit_l"] == dict(depth=24, hidden_size=1024, num_heads=16)
     assert MODELS["dit_xl"] == dict(depth=28, hidden_size=1152, num_heads=16)
-    assert set(MODELS) == set(PAPER + LAPTOP)
+    isoflop = ("laptop_xxs", "laptop_xs", "laptop_m")  # sizes for isoFLOP profiles, not in the 4 x 3 grid
+    assert set(MODELS) == set(PAPER + LAPTOP + isoflop)
+    assert FAMILY_MODELS == {"paper": PAPER, "laptop": LAPTOP}
+    sizes = [MODELS[n] for n in ("laptop_xxs", "laptop_xs", "laptop_s", "laptop_m", "laptop_b")]
+    gflops = [m["depth"] * m["hidden_size"] ** 2 for m in sizes]  # the blocks' cost: strictly increasing, ~2x apart
+    assert all(1.5 < b / a < 3.5 for a, b in zip(gflops, gflops[1:])), gflops
+    assert all(m["hidden_size"] >= 4 * 4 * 1 for m in sizes)  # a patch-4 token fits the width
     for paper, laptop in zip(PAPER, LAPTOP):
         p, s = MODELS[paper], MODELS[laptop]
         assert s["depth"] == round(p["depth"] / 4)
