@@ -248,14 +248,17 @@ def bootstrap_joint_law(df: pd.DataFrame, loss_col: str, size_col: str = "gflops
 
 
 def loss_at_budget(df: pd.DataFrame, budget: float, loss_col: str, compute_col: str = "train_flops",
-                   size_col: str = "gflops_per_img", group_col: str = "run_id") -> pd.DataFrame:
-    """One row per run whose logged points bracket `budget`: run_id, size, loss (log-log interpolation)."""
+                   size_col: str = "gflops_per_img", group_col: str = "run_id", rtol: float = 0.01) -> pd.DataFrame:
+    """One row per run whose logged points bracket `budget`: run_id, size, loss (log-log interpolation). A run
+    whose last point falls short of the budget by less than `rtol` counts as reaching it, at its last value: a run
+    trained to a budget (train.budget_flops) stops at a whole number of steps, e.g. laptop-B/4 at 9.95e10 FLOPs
+    for a budget of 1e11."""
     rows = []
     for run, g in df.groupby(group_col, sort=True):
         c, y = g[compute_col].to_numpy(float), g[loss_col].to_numpy(float)
         order = np.argsort(c)
         c, y = c[order], y[order]
-        if c.size >= 2 and c[0] <= budget <= c[-1]:
+        if c.size >= 2 and c[0] <= budget <= c[-1] * (1 + rtol):
             rows.append({group_col: run, size_col: float(g[size_col].iloc[0]),
                          loss_col: float(np.exp(np.interp(np.log(budget), np.log(c), np.log(y))))})
     return pd.DataFrame(rows, columns=[group_col, size_col, loss_col])
@@ -321,7 +324,7 @@ def _optima(d, budgets, loss_col, compute_col, size_col, group_col) -> tuple[pd.
         if p[size_col].nunique() < 3:
             continue
         n_opt, interior, coef = parabola_optimum(p[size_col], p[loss_col])
-        loss_opt = float(np.polyval(coef[::-1], np.log(n_opt)))
+        loss_opt = float(np.polyval(coef[::-1], np.log(n_opt))) if interior else float(p[loss_col].min())
         optima.append({"budget": b, "n_opt": n_opt, "interior": interior, "loss_opt": loss_opt,
                        "c0": coef[0], "c1": coef[1], "c2": coef[2]})
     return pd.concat(profiles, ignore_index=True), pd.DataFrame(

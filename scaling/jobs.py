@@ -189,6 +189,11 @@ def run_single(point: Point) -> int:
 # ----------------------------------------------------------------------------- after the grid
 
 
+def grid_budgets(configs, output_root: str) -> list[float]:
+    """The train.budget_flops values (> 0) the points of one output root were swept over."""
+    return sorted({c.train.budget_flops for c in configs if c.output_root == output_root and c.train.budget_flops > 0})
+
+
 def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
     """One line per grid point from its run directory (the source of truth), then the exit code: 1 when a job or
     an eval failed, else 4 when jobs were submitted and left to run (SLURM, detached), else 3 when a point is not
@@ -211,15 +216,17 @@ def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
     return EXIT_FAILED if failed else EXIT_SUBMITTED if submitted else EXIT_UNFINISHED if unfinished else EXIT_DONE
 
 
-def analyze(output_root: str) -> bool:
+def analyze(output_root: str, budgets=()) -> bool:
     """The results table and the figures of the output root, in <output_root>/analysis/ (where installed); whether
-    every step succeeded."""
+    every step succeeded. `budgets`: the training budgets (FLOPs) the grid was swept over (train.budget_flops), the
+    budgets of its isoFLOP profiles."""
 
     out = Path(output_root) / "analysis"
     table = out / "results.csv"
     steps = [("scaling.results", [str(output_root), "-o", str(table)]),
              ("analysis.figures", [str(table), "-o", str(out)]),
-             ("analysis.law_figures", [str(table), "-o", str(out)])]  # the forecasting laws, with a held-out loss
+             ("analysis.law_figures", [str(table), "-o", str(out)]  # the forecasting laws, with a held-out loss
+              + (["--budgets", ",".join(f"{b:g}" for b in sorted(budgets))] if budgets else []))]
     for module, argv in steps:
         if importlib.util.find_spec(module) is None:
             print(f"[launch] analyze: {module} is not available; skipped", flush=True)

@@ -5,7 +5,9 @@ import re
 import pytest
 
 from helpers import run_launch
+from scaling import jobs
 from scaling.config import budget_steps, config_from_overrides, make_plan, run_id, validate
+from scaling.jobs import grid_budgets
 
 
 @pytest.mark.parametrize("model,patch", [("laptop_s", 4), ("laptop_xl", 2)])
@@ -33,13 +35,28 @@ def test_isoflop_sweep_plan(tmp_path):
                    f"output_root={tmp_path}")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert "24 points, 8 runs" in lines[-1]
+    assert "30 points, 6 runs" in lines[-1]
     head = re.split(r"\s{2,}", lines[0].strip())
     rows = [re.split(r"\s{2,}", ln.strip()) for ln in lines[1:-1]]
-    budgets = {b: set() for b in (3e11, 1e12, 3e12)}
+    budgets = {b: set() for b in (1e11, 3e11, 1e12, 1.4e12, 2e12)}
     for row in rows:
         flops = float(row[head.index("train_flops")])
         b = min(budgets, key=lambda b: abs(flops / b - 1))
-        assert abs(flops / b - 1) < 0.035  # rounding to whole steps: 15 steps of laptop-XL/2 at 3e11
+        assert abs(flops / b - 1) < 0.02  # rounding to whole steps: 28 steps of laptop-L/4 at 1e11
         budgets[b].add(row[0])
-    assert all(len(v) == 8 for v in budgets.values())  # every size at every budget
+    assert all(len(v) == 6 for v in budgets.values())  # every size at every budget
+    assert {r[0].split("-")[0] for r in rows} == {"laptop_xxs", "laptop_xs", "laptop_s", "laptop_m", "laptop_b",
+                                                  "laptop_l"}
+    assert {r[0].split("-")[1] for r in rows} == {"p4"}
+
+
+def test_the_analysis_reads_the_profiles_at_the_swept_budgets(monkeypatch, tmp_path):
+    configs = [config_from_overrides([f"train.budget_flops={b}", f"output_root={root}"])
+               for b in (3e11, 1e11, 3e11, 0) for root in (tmp_path / "a", tmp_path / "b")]
+    assert grid_budgets(configs, str(tmp_path / "a")) == [1e11, 3e11]
+    calls = []
+    monkeypatch.setattr(jobs.subprocess, "call", lambda argv: calls.append(argv) or 0)
+    assert jobs.analyze(str(tmp_path / "a"), [3e11, 1e11])
+    assert [c[2] for c in calls] == ["scaling.results", "analysis.figures", "analysis.law_figures"]
+    assert calls[-1][-2:] == ["--budgets", "1e+11,3e+11"]
+    assert jobs.analyze(str(tmp_path / "a")) and "--budgets" not in calls[-1]

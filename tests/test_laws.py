@@ -87,6 +87,10 @@ def test_loss_at_budget_interpolates_and_never_extrapolates():
     at = loss_at_budget(df, 10.0, "loss")
     assert at["run_id"].tolist() == ["a"] and at["loss"].iloc[0] == pytest.approx(10 ** 0.5)  # log-log midpoint
     assert loss_at_budget(df, 300.0, "loss").empty
+    # a run trained to a budget stops at a whole step, just short of it: within 1% it reaches it, at its last value
+    assert loss_at_budget(df, 100.5, "loss").set_index("run_id")["loss"].to_dict() == {"a": 1.0, "b": pytest.approx(
+        4.0 * (2.0 / 4.0) ** (np.log(100.5 / 50) / np.log(4)))}
+    assert loss_at_budget(df, 102.0, "loss")["run_id"].tolist() == ["b"]
 
 
 def test_isoflop_optima_follow_the_law():
