@@ -24,6 +24,11 @@ from analysis.laws import bootstrap_joint_law, fd_metric, fit_fd_vs_loss, isoflo
 from scaling.results import read_table
 
 LOSS_COL = "val_mse_ema"
+# The loss law of the held-out forecasts: params and tokens as separate axes (analysis.laws.AxesLaw) where the
+# table has both, fitted on the second half of each fitted run (the regime of the final values forecast);
+# laws.json also keeps the Gflops law L(N, D) and the error at other fit_from values.
+FORECAST_LAW = {"law": "axes", "fit_from": 0.5}
+FIT_FROM_SCAN = (0.0, 0.25, 0.5, 0.75)
 LOSS_LABEL = {"val_mse_ema": "held-out L_simple (eps MSE, EMA)", "val_mse_raw": "held-out L_simple (eps MSE, raw)"}
 
 
@@ -129,7 +134,7 @@ def isoflop_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=
         rows.append({"kind": "optimum" if o["interior"] else "edge_optimum", "budget": b, "run_id": None,
                      "size": o["n_opt"], loss_col: o["loss_opt"]})
     ax.plot([], [], marker="*", ls="none", color="0.3", mec="black", ms=11, label="interior minimum")
-    ax.plot([], [], marker="x", ls="none", color="0.3", ms=9, label="minimum at the sweep's edge")
+    ax.plot([], [], marker="x", ls="none", color="0.3", ms=9, label="no interior minimum (measured best)")
     _log_axis(ax.xaxis)
     _log_axis(ax.yaxis)
     ax.set_xlabel("Model size (Gflops per image)")
@@ -159,7 +164,7 @@ def n_opt_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=No
     edge = o[~o["interior"]]
     if not edge.empty:
         ax.plot(edge["budget"], edge["n_opt"], ls="none", marker="x", color="C0", gid="edge_optima",
-                label="optimum at the sweep's edge (not fitted)")
+                label="no interior minimum (measured best, not fitted)")
     cs = np.geomspace(o["budget"].min() / 3, o["budget"].max() * 10, 50)
     rows = [{"kind": "optimum" if r.interior else "edge_optimum", "train_flops": r.budget, "n_opt": r.n_opt,
              "n_lo": r.n_lo, "n_hi": r.n_hi} for r in o.itertuples(index=False)]
@@ -216,6 +221,8 @@ def predicted_vs_measured(forecasts: list[Forecast], out_dir, name: str = "predi
         ax.set_xlabel(f"measured {fc.y_col}")
         ax.set_ylabel(f"predicted {fc.y_col}")
         check = CHECK_LABELS.get(fc.check, fc.check)
+        if fc.law.get("law") == "axes":  # the largest-model check
+            check += f"\nlaw in {', '.join(fc.law['terms'])}, from {fc.law['fit_from']:.0%} of each curve"
         if fc.check == "forecast_fd":
             check = check.replace("FD", fc.y_col.split("_")[0].upper().replace("FD", "FD-"), 1)
         ax.set_title(f"{check}\nmedian |err| {s['median_abs_rel_error']:.1%} "
@@ -265,8 +272,23 @@ def fd_vs_loss(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
     return save(FigureOutput(name, fig, pd.DataFrame(rows), fits={"fd_vs_loss": law.to_dict()}), out_dir)
 
 
+def fit_from_scan(df: pd.DataFrame, loss_col: str = LOSS_COL) -> dict:
+    """How the largest-model forecast depends on fit_from: {law: {fit_from: median |error|}} for the axes law and
+    the Gflops law, so that the choice in FORECAST_LAW can be judged."""
+    out = {}
+    for law in ("axes", "joint"):
+        for f in FIT_FROM_SCAN:
+            try:
+                s = forecast_largest(df, loss_col, law=law, fit_from=f).summary()
+            except ValueError as e:
+                out.setdefault(law, {})[str(f)] = str(e)
+                continue
+            out.setdefault(law, {})[str(f)] = s["median_abs_rel_error"]
+    return out
+
+
 def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str = "fd", n_boot: int = 200,
-               seed: int = 0) -> tuple[list[FigureOutput], dict]:
+               seed: int = 0, budgets=None) -> tuple[list[FigureOutput], dict]:
     """Every law figure that has data, laws.json beside them (fits and held-out summaries).
 
     FD is fitted on one sample size: `fd_col` "fd" that mixes metrics (curves at FD-250, the final checkpoint
@@ -280,9 +302,13 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
     other_fd = [c for c in df.columns if c != fd_col and c not in same and c.startswith(("fd", "fid"))
                 and any(ch.isdigit() for ch in c.split("_")[0]) and df[c].notna().any()]
     checks, reasons = [], {}
-    runs = [("forecast_largest", lambda: forecast_largest(df, loss_col)),
-            ("forecast_fd", lambda: forecast_fd(df, loss_col, fd_col))]
-    runs += [(f"forecast_fd[{c}]", lambda c=c: forecast_fd(df, loss_col, c)) for c in other_fd]
+    axes_ok = all(c in df.columns and df[c].nunique() >= 2 for c in ("params", "tokens"))
+    law = FORECAST_LAW if axes_ok else {"law": "joint"}
+    runs = [("forecast_largest", lambda: forecast_largest(df, loss_col, **law))]
+    if axes_ok:  # the Gflops law for comparison
+        runs.append(("forecast_largest[gflops]", lambda: forecast_largest(df, loss_col, law="joint")))
+    runs.append(("forecast_fd", lambda: forecast_fd(df, loss_col, fd_col, **law)))
+    runs += [(f"forecast_fd[{c}]", lambda c=c: forecast_fd(df, loss_col, c, **law)) for c in other_fd]
     runs += [("forecast_curve_end", lambda: forecast_curve_end(df, loss_col))]
     for check, run in runs:
         try:
@@ -290,16 +316,16 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
         except (ValueError, KeyError) as e:
             reasons[check] = str(e)
     keyed = dict(checks)
-    checks = [c for _, c in checks]
+    checks = [c for k, c in checks if k != "forecast_largest[gflops]"]  # the figure: the laws in use
     fd_fit_runs = keyed["forecast_fd"].fitted_runs if "forecast_fd" in keyed else None
     makers = {"loss_curves": lambda: loss_curves(df, out_dir, loss_col),
               "envelope": lambda: compute_envelope(df, out_dir, loss_col, n_boot=n_boot, seed=seed),
-              "isoflop": lambda: isoflop_figure(df, out_dir, loss_col, n_boot=n_boot, seed=seed),
-              "n_opt": lambda: n_opt_figure(df, out_dir, loss_col, n_boot=n_boot, seed=seed),
+              "isoflop": lambda: isoflop_figure(df, out_dir, loss_col, budgets, n_boot=n_boot, seed=seed),
+              "n_opt": lambda: n_opt_figure(df, out_dir, loss_col, budgets, n_boot=n_boot, seed=seed),
               "predicted_vs_measured": lambda: predicted_vs_measured(checks, out_dir),
               "fd_vs_loss": lambda: fd_vs_loss(df, out_dir, loss_col, fd_col, fit_runs=fd_fit_runs)}
     outputs, fits = [], {"held_out": {k: c.to_dict() for k, c in keyed.items()}, "skipped_checks": reasons,
-                         "fd_col": fd_col}
+                         "fd_col": fd_col, "fit_from_scan": fit_from_scan(df, loss_col) if axes_ok else {}}
     for key, make in makers.items():
         try:
             out = make()
@@ -328,7 +354,15 @@ def main(argv=None) -> int:
     ap.add_argument("--fd", default="fd", help="Frechet distance column (default fd)")
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budgets", default=None,
+                    help="isoFLOP budgets in FLOPs, comma-separated (default: log-spaced where 3+ runs overlap)")
     args = ap.parse_args(argv)
+    try:
+        budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else None
+    except ValueError:
+        print(f"error: --budgets {args.budgets}: not a comma-separated list of numbers (e.g. 1e11,3e11)",
+              file=sys.stderr)
+        return 2
     try:
         df = read_table(args.source)
     except ValueError as e:
@@ -337,7 +371,7 @@ def main(argv=None) -> int:
     if args.loss not in df.columns or not df[args.loss].notna().any():
         print(f"[law_figures] skipped: {args.source} has no {args.loss} (runs trained without the held-out loss)")
         return 0
-    build_laws(df, args.out, args.loss, args.fd, args.n_boot, args.seed)
+    build_laws(df, args.out, args.loss, args.fd, args.n_boot, args.seed, budgets)
     return 0
 
 

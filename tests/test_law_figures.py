@@ -37,6 +37,24 @@ def test_every_figure_is_written_with_the_data_it_plots(built):
     assert laws["n_opt"]["joint_law"]["law"]["n_opt_exponent"] == pytest.approx(0.45 / 0.8, abs=0.03)
 
 
+def test_the_forecast_law_has_params_and_tokens_as_axes_where_the_table_has_them(tmp_path):
+    df = loss_table(seed=6, steps=tuple(range(100, 1201, 100)))
+    df["tokens"] = (16 // df["patch"]) ** 2
+    _, fits = build_laws(df, tmp_path, n_boot=10)
+    held = fits["held_out"]
+    assert held["forecast_largest"]["law"]["law"] == "axes" and held["forecast_largest"]["law"]["fit_from"] == 0.5
+    assert set(held["forecast_largest"]["law"]["terms"]) == {"params", "tokens", "img_seen"}
+    assert held["forecast_largest[gflops]"]["law"]["law"] == "joint"  # kept beside it for comparison
+    assert held["forecast_fd"]["law"]["loss_law"]["law"] == "axes"
+    scan = fits["fit_from_scan"]
+    assert set(scan) == {"axes", "joint"} and set(scan["axes"]) == {"0.0", "0.25", "0.5", "0.75"}
+    assert scan["axes"]["0.5"] == pytest.approx(held["forecast_largest"]["median_abs_rel_error"])
+    # The loss of this table follows a law in Gflops: there, the Gflops law is the better one.
+    assert scan["joint"]["0.0"] < 0.02
+    pv = pd.read_csv(tmp_path / "predicted_vs_measured.csv")
+    assert (pv["check"] == "forecast_largest").sum() == 3  # one panel per law in use, not the comparison
+
+
 def test_every_model_is_named_in_a_drawn_legend(tmp_path):
     """build_laws clears each figure once saved, so these are drawn again here."""
     df = loss_table(seed=5, steps=tuple(range(100, 1201, 100)))
@@ -87,6 +105,12 @@ def test_cli(tmp_path, capsys):
     assert main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "figs"), "--n-boot", "10"]) == 0
     printed = capsys.readouterr().out
     assert "forecast_largest (val_mse_ema): median |error|" in printed
+    assert main([str(tmp_path / "results.csv"), "--budgets", "1e11,lots"]) == 2
+    assert "--budgets 1e11,lots: not a comma-separated list of numbers" in capsys.readouterr().err
+    assert main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "b"), "--n-boot", "10", "--budgets",
+                 "3e10,1e11,3e11"]) == 0
+    iso = json.loads((tmp_path / "b" / "laws.json").read_text())["isoflop"]["isoflop"]
+    assert [o["budget"] for o in iso["optima"]] == [3e10, 1e11, 3e11]
     # `launch ... analyze=true` runs the paper figures' CLI, then this one, into one folder
     assert figures_main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "all"), "--n-boot", "10"]) == 0
     assert main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "all"), "--n-boot", "10"]) == 0
