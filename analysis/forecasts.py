@@ -5,8 +5,9 @@ Three checks over the tidy results table, each against the naive baseline a read
   forecast_largest    fit on the runs of the `n_fit` smallest models (by Gflops), predict the final value of
                       every larger run; naive: "no better than the largest fitted model" (its value at the same
                       number of images).
-  forecast_fd         the same split, FD predicted through the loss: the joint law predicts the held-out run's
-                      loss, FD(loss) fitted on the small runs only turns it into FD; naive as above, on FD.
+  forecast_fd         the same split, FD predicted through the loss: a loss law (joint or axes) predicts the
+                      held-out run's loss, FD(loss) fitted on the small runs only turns it into FD; naive as
+                      above, on FD.
   forecast_curve_end  fit the first half of every run's curve (by images seen; its first 10%, the transient,
                       left out), predict its last point; naive: "the last value seen".
 
@@ -102,7 +103,7 @@ def _loss_law(fitted: pd.DataFrame, y_col: str, law: str, axes, size_col: str, x
     if law == "axes":
         j = fit_axes_law(fitted, axes or DEFAULT_AXES, y_col)
         return j.loss, j.E, j.to_dict()
-    raise ValueError(f"law={law!r}; allowed: joint, axes, power")
+    raise ValueError(f"law={law!r}; allowed: joint, axes")
 
 
 DEFAULT_AXES = ("params", "tokens", "img_seen")   # the transformer, the patch, the images seen
@@ -119,6 +120,8 @@ def forecast_largest(df: pd.DataFrame, y_col: str, n_fit: int = 9, law: str = "j
     run, e.g. FD at one step). fit_from: the curve laws see each fitted run's points from that fraction of its
     length on (0.5: its second half, the regime of the final values the forecast is about).
     """
+    if law not in ("joint", "axes", "power"):
+        raise ValueError(f"law={law!r}; allowed: joint, axes, power")
     d = _finite(df, size_col, x_col, y_col)
     d = d[d[x_col] > 0]
     fit_runs, held = split_by_size(d, n_fit, size_col, group_col)

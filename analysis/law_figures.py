@@ -133,8 +133,10 @@ def isoflop_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=
         rows += [{"kind": "parabola", "budget": b, "run_id": None, "size": x, loss_col: y} for x, y in zip(xs, ys)]
         rows.append({"kind": "optimum" if o["interior"] else "edge_optimum", "budget": b, "run_id": None,
                      "size": o["n_opt"], loss_col: o["loss_opt"]})
-    ax.plot([], [], marker="*", ls="none", color="0.3", mec="black", ms=11, label="interior minimum")
-    ax.plot([], [], marker="x", ls="none", color="0.3", ms=9, label="no interior minimum (measured best)")
+    if iso.optima["interior"].any():  # legend entries only for what is drawn
+        ax.plot([], [], marker="*", ls="none", color="0.3", mec="black", ms=11, label="interior minimum")
+    if (~iso.optima["interior"]).any():
+        ax.plot([], [], marker="x", ls="none", color="0.3", ms=9, label="no interior minimum (measured best)")
     _log_axis(ax.xaxis)
     _log_axis(ax.yaxis)
     ax.set_xlabel("Model size (Gflops per image)")
@@ -304,11 +306,22 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
     checks, reasons = [], {}
     axes_ok = all(c in df.columns and df[c].nunique() >= 2 for c in ("params", "tokens"))
     law = FORECAST_LAW if axes_ok else {"law": "joint"}
-    runs = [("forecast_largest", lambda: forecast_largest(df, loss_col, **law))]
+
+    def with_law(forecast, *args):
+        """The forecast with the axes law, or with the Gflops law where the fitted runs do not span both axes."""
+        try:
+            return forecast(df, loss_col, *args, **law)
+        except ValueError as e:
+            if law["law"] != "axes":
+                raise
+            reasons[f"{forecast.__name__}[axes]"] = str(e)
+            return forecast(df, loss_col, *args, law="joint")
+
+    runs = [("forecast_largest", lambda: with_law(forecast_largest))]
     if axes_ok:  # the Gflops law for comparison
         runs.append(("forecast_largest[gflops]", lambda: forecast_largest(df, loss_col, law="joint")))
-    runs.append(("forecast_fd", lambda: forecast_fd(df, loss_col, fd_col, **law)))
-    runs += [(f"forecast_fd[{c}]", lambda c=c: forecast_fd(df, loss_col, c, **law)) for c in other_fd]
+    runs.append(("forecast_fd", lambda: with_law(forecast_fd, fd_col)))
+    runs += [(f"forecast_fd[{c}]", lambda c=c: with_law(forecast_fd, c)) for c in other_fd]
     runs += [("forecast_curve_end", lambda: forecast_curve_end(df, loss_col))]
     for check, run in runs:
         try:

@@ -19,7 +19,8 @@ from hydra.core.utils import JobReturn, JobStatus
 from scaling.checkpoint import DiskFull
 from scaling.config import RunConfig, run_dir_for
 from scaling.evaluate import evaluate_checkpoint, missing_evals, setting_key
-from scaling.rundir import LeaseLost, RunDir, RunLocked, lease_is_live, read_lease, read_status, write_status
+from scaling.rundir import (LeaseLost, RunDir, RunLocked, launch_records, lease_is_live, read_lease, read_status,
+                            write_status)
 from scaling.train import mirror_eval, train
 
 # Exit codes of `python -m scaling.launch` (docs/launching.md).
@@ -189,11 +190,6 @@ def run_single(point: Point) -> int:
 # ----------------------------------------------------------------------------- after the grid
 
 
-def grid_budgets(configs, output_root: str) -> list[float]:
-    """The train.budget_flops values (> 0) the points of one output root were swept over."""
-    return sorted({c.train.budget_flops for c in configs if c.output_root == output_root and c.train.budget_flops > 0})
-
-
 def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
     """One line per grid point from its run directory (the source of truth), then the exit code: 1 when a job or
     an eval failed, else 4 when jobs were submitted and left to run (SLURM, detached), else 3 when a point is not
@@ -216,17 +212,30 @@ def summarize(points: list[Point], outcomes: dict, eval_errors: dict) -> int:
     return EXIT_FAILED if failed else EXIT_SUBMITTED if submitted else EXIT_UNFINISHED if unfinished else EXIT_DONE
 
 
+def swept_budgets(output_root) -> list[float]:
+    """The training budgets (train.budget_flops > 0, FLOPs) of every point of every launch into the output root:
+    the budgets of its isoFLOP profiles (a later launch that adds seeds at one budget keeps the others)."""
+    budgets = set()
+    for record in launch_records(output_root):
+        for p in record.get("points") or []:
+            train = ((p.get("config") or {}).get("train") or {}) if isinstance(p, dict) else {}
+            if float(train.get("budget_flops") or 0) > 0:
+                budgets.add(float(train["budget_flops"]))
+    return sorted(budgets)
+
+
 def analyze(output_root: str, budgets=()) -> bool:
     """The results table and the figures of the output root, in <output_root>/analysis/ (where installed); whether
-    every step succeeded. `budgets`: the training budgets (FLOPs) the grid was swept over (train.budget_flops), the
-    budgets of its isoFLOP profiles."""
+    every step succeeded. The isoFLOP profiles are read at the budgets swept into the root (swept_budgets) and
+    `budgets` (a single run's own)."""
+    budgets = sorted(set(swept_budgets(output_root)) | {float(b) for b in budgets if b > 0})
 
     out = Path(output_root) / "analysis"
     table = out / "results.csv"
     steps = [("scaling.results", [str(output_root), "-o", str(table)]),
              ("analysis.figures", [str(table), "-o", str(out)]),
              ("analysis.law_figures", [str(table), "-o", str(out)]  # the forecasting laws, with a held-out loss
-              + (["--budgets", ",".join(f"{b:g}" for b in sorted(budgets))] if budgets else []))]
+              + (["--budgets", ",".join(repr(b) for b in budgets)] if budgets else []))]
     for module, argv in steps:
         if importlib.util.find_spec(module) is None:
             print(f"[launch] analyze: {module} is not available; skipped", flush=True)

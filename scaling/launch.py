@@ -96,7 +96,7 @@ def app(task_cfg: DictConfig) -> Any:
         traceback.print_exc()
         raise LaunchExit(EXIT_FAILED) from None
     if cfg.analyze and code == EXIT_DONE and rank0:
-        analyze(cfg.output_root)
+        analyze(cfg.output_root, [cfg.train.budget_flops])
     if code:
         raise LaunchExit(code)
 

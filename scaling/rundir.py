@@ -244,13 +244,20 @@ def slurm_job_label() -> str | None:
         return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
 
 
+def launch_records(output_root) -> list[dict]:
+    """Every launch record of the output root (<root>/launches/*/launch.json), oldest first."""
+    records = []
+    for record in sorted(Path(output_root).glob("launches/*/launch.json")):
+        data, _ = load_json(record)
+        if isinstance(data, dict):
+            records.append(data)
+    return records
+
+
 def launched_points(output_root) -> tuple[dict[str, dict], list[str] | None]:
     """{run_id: its point in the newest launch record that names it}, and the newest launch's command line."""
     points, argv = {}, None
-    for record in sorted(Path(output_root).glob("launches/*/launch.json")):
-        data, _ = load_json(record)
-        if not isinstance(data, dict):
-            continue
+    for data in launch_records(output_root):
         argv = data.get("argv") or argv
         for p in data.get("points") or []:
             if isinstance(p, dict) and p.get("run_id"):

@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 
 from scaling.config import RunConfig, config_from_dict, run_dir_for
 from scaling.evaluate import missing_evals, setting_key
-from scaling.jobs import (Point, analyze, evaluate_missing, first_line, grid_budgets, hydra_dir, job_value,
-                          point_state, run_point, use_cpu_allocation)
+from scaling.jobs import (Point, analyze, evaluate_missing, first_line, hydra_dir, job_value, point_state,
+                          run_point, use_cpu_allocation)
 from scaling.provenance import record_launch
 from scaling.rundir import append_jsonl, load_json, read_jsonl, write_json
 from scaling.signals import ENVIRONMENT
@@ -192,9 +192,7 @@ def finish_study(launch_dir: Path) -> bool:
         marker = launch_dir / "analyzed.json"
         if marker.is_file():
             return False
-        configs = [config_from_dict(p["config"]) for p in points]
-        roots = dict.fromkeys(p["output_root"] for p in points)
-        if all([analyze(root, grid_budgets(configs, root)) for root in roots]):
+        if all([analyze(root) for root in dict.fromkeys(p["output_root"] for p in points)]):
             write_json(marker, {"time": time.time()})  # once; a failed step is tried again by the next job
     return True
 

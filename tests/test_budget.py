@@ -6,8 +6,9 @@ import pytest
 
 from helpers import run_launch
 from scaling import jobs
-from scaling.config import budget_steps, config_from_overrides, make_plan, run_id, validate
-from scaling.jobs import grid_budgets
+from scaling.config import budget_steps, config_from_overrides, config_to_dict, make_plan, run_id, validate
+from scaling.jobs import swept_budgets
+from scaling.rundir import write_json
 
 
 @pytest.mark.parametrize("model,patch", [("laptop_s", 4), ("laptop_xl", 2)])
@@ -50,13 +51,17 @@ def test_isoflop_sweep_plan(tmp_path):
     assert {r[0].split("-")[1] for r in rows} == {"p4"}
 
 
-def test_the_analysis_reads_the_profiles_at_the_swept_budgets(monkeypatch, tmp_path):
-    configs = [config_from_overrides([f"train.budget_flops={b}", f"output_root={root}"])
-               for b in (3e11, 1e11, 3e11, 0) for root in (tmp_path / "a", tmp_path / "b")]
-    assert grid_budgets(configs, str(tmp_path / "a")) == [1e11, 3e11]
+def test_the_analysis_reads_the_profiles_at_every_budget_swept_into_the_root(monkeypatch, tmp_path):
+    root = tmp_path / "iso"
+    for n, budgets in enumerate([(1e11, 3e11, 0.0), (3e11, 3.3333333e11)]):  # a later launch adds one budget
+        points = [{"run_id": f"r{i}", "config": config_to_dict(config_from_overrides(
+            [f"train.budget_flops={b}", f"output_root={root}"]))} for i, b in enumerate(budgets)]
+        write_json(root / "launches" / f"t{n}" / "launch.json", {"argv": [], "points": points})
+    assert swept_budgets(root) == [1e11, 3e11, 3.3333333e11]
     calls = []
     monkeypatch.setattr(jobs.subprocess, "call", lambda argv: calls.append(argv) or 0)
-    assert jobs.analyze(str(tmp_path / "a"), [3e11, 1e11])
+    assert jobs.analyze(str(root), [1e12, 0.0])  # a single run's own budget joins them
     assert [c[2] for c in calls] == ["scaling.results", "analysis.figures", "analysis.law_figures"]
-    assert calls[-1][-2:] == ["--budgets", "1e+11,3e+11"]
-    assert jobs.analyze(str(tmp_path / "a")) and "--budgets" not in calls[-1]
+    assert calls[-1][-2:] == ["--budgets", "100000000000.0,300000000000.0,333333330000.0,1000000000000.0"]
+    calls.clear()
+    assert jobs.analyze(str(tmp_path / "plain")) and "--budgets" not in calls[-1]

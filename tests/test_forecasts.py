@@ -35,6 +35,7 @@ def test_forecast_largest_with_params_and_tokens_as_separate_axes():
     df = axes_table(sigma=0.003, seed=2)
     axes = forecast_largest(df, "val_mse_ema", law="axes").summary()
     gflops = forecast_largest(df, "val_mse_ema", law="joint").summary()
+    assert axes["n_predicted"] == gflops["n_predicted"] == 3
     late = forecast_largest(df, "val_mse_ema", law="axes", fit_from=0.5)
     # Gflops is the product of the two axes: a law in Gflops alone misses a loss additive in them.
     assert axes["median_abs_rel_error"] < 0.01 < gflops["median_abs_rel_error"]
@@ -42,6 +43,8 @@ def test_forecast_largest_with_params_and_tokens_as_separate_axes():
     assert late.law["terms"]["tokens"]["a"] == pytest.approx(0.6, abs=0.1)
     with pytest.raises(ValueError, match="fit_from=1.0; allowed: 0 <= fit_from < 1"):
         forecast_largest(df, "val_mse_ema", law="axes", fit_from=1.0)
+    with pytest.raises(ValueError, match="law='power'; allowed: joint, axes$"):
+        forecast_fd(df.assign(fd=1.0), "val_mse_ema", "fd", law="power")
 
 
 def test_forecast_largest_power_law_on_one_point_per_run():

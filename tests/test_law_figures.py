@@ -49,10 +49,19 @@ def test_the_forecast_law_has_params_and_tokens_as_axes_where_the_table_has_them
     scan = fits["fit_from_scan"]
     assert set(scan) == {"axes", "joint"} and set(scan["axes"]) == {"0.0", "0.25", "0.5", "0.75"}
     assert scan["axes"]["0.5"] == pytest.approx(held["forecast_largest"]["median_abs_rel_error"])
-    # The loss of this table follows a law in Gflops: there, the Gflops law is the better one.
+    # The loss of this table follows a law in Gflops, which forecasts it within 2% from every point.
     assert scan["joint"]["0.0"] < 0.02
     pv = pd.read_csv(tmp_path / "predicted_vs_measured.csv")
     assert (pv["check"] == "forecast_largest").sum() == 3  # one panel per law in use, not the comparison
+
+
+def test_the_forecasts_fall_back_to_the_gflops_law_where_the_fitted_runs_do_not_span_the_axes(tmp_path):
+    df = loss_table(seed=6, steps=tuple(range(100, 1201, 100)))
+    largest = df.groupby("run_id")["gflops_per_img"].first().nlargest(3).index
+    df["tokens"] = np.where(df["run_id"].isin(largest), 64, 16)  # the 9 fitted runs: one tokens value
+    _, fits = build_laws(df, tmp_path, n_boot=10)
+    assert fits["held_out"]["forecast_largest"]["law"]["law"] == "joint"
+    assert "2+ distinct values of every axis" in fits["skipped_checks"]["forecast_largest[axes]"]
 
 
 def test_every_model_is_named_in_a_drawn_legend(tmp_path):

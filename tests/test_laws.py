@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from analysis.fits import bootstrap_frontier, fit_frontier
-from analysis.laws import (FLOPS_PER_GFLOP_IMG, JointLaw, bootstrap_joint_law, default_budgets, fit_axes_law,
-                           fit_fd_vs_loss, fit_joint_law, isoflop_profiles, loss_at_budget, parabola_optimum)
+from analysis.laws import (FLOPS_PER_GFLOP_IMG, JointLaw, _grid_values, bootstrap_joint_law, default_budgets,
+                           fit_axes_law, fit_fd_vs_loss, fit_joint_law, isoflop_profiles, loss_at_budget,
+                           parabola_optimum)
 from fakes import AXES_LAW, FD_LAW, LOSS_LAW, axes_table, loss_table
 
 TRUE = JointLaw(**LOSS_LAW)
@@ -46,6 +47,11 @@ def test_axes_law_recovers_params_tokens_and_data_exponents():
     np.testing.assert_allclose(law.loss(df), df["val_mse_ema"], rtol=1e-4)
     noisy = fit_axes_law(axes_table(sigma=0.005, seed=1), ("params", "tokens", "img_seen"), "val_mse_ema")
     assert noisy.a == pytest.approx((0.45, 0.6, 0.5), abs=0.06)
+    # the grid of starts is scored in chunks: the same values whatever the chunk
+    inits = np.random.default_rng(0).uniform(-3, 1, size=(50, 7))
+    X, log_l = np.log(df[["params", "tokens", "img_seen"]].to_numpy().T), np.log(df["val_mse_ema"].to_numpy())
+    np.testing.assert_allclose(_grid_values(inits, X, log_l, 1e-3, max_elements=1000),
+                               _grid_values(inits, X, log_l, 1e-3), rtol=1e-12)
     # The joint law is the two-axis case of the same fitter: the same numbers either way.
     j = fit_joint_law(df["gflops_per_img"], df["img_seen"], df["val_mse_ema"])
     two = fit_axes_law(df, ("gflops_per_img", "img_seen"), "val_mse_ema")
@@ -87,10 +93,10 @@ def test_loss_at_budget_interpolates_and_never_extrapolates():
     at = loss_at_budget(df, 10.0, "loss")
     assert at["run_id"].tolist() == ["a"] and at["loss"].iloc[0] == pytest.approx(10 ** 0.5)  # log-log midpoint
     assert loss_at_budget(df, 300.0, "loss").empty
-    # a run trained to a budget stops at a whole step, just short of it: within 1% it reaches it, at its last value
-    assert loss_at_budget(df, 100.5, "loss").set_index("run_id")["loss"].to_dict() == {"a": 1.0, "b": pytest.approx(
-        4.0 * (2.0 / 4.0) ** (np.log(100.5 / 50) / np.log(4)))}
-    assert loss_at_budget(df, 102.0, "loss")["run_id"].tolist() == ["b"]
+    # a run trained to a budget stops at a whole step, just short of it: within 3% it reaches it, at its last value
+    assert loss_at_budget(df, 102.0, "loss").set_index("run_id")["loss"].to_dict() == {"a": 1.0, "b": pytest.approx(
+        4.0 * (2.0 / 4.0) ** (np.log(102.0 / 50) / np.log(4)))}
+    assert loss_at_budget(df, 104.0, "loss")["run_id"].tolist() == ["b"]
 
 
 def test_isoflop_optima_follow_the_law():

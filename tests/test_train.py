@@ -139,7 +139,7 @@ def test_loss_falls_fd_falls_and_grids_are_written(tmp_path):
     rows = read_jsonl(run.metrics)
     assert rows[-1]["loss"] < 0.7 * rows[0]["loss"]
     # Each evaluated checkpoint's grid comes from the eval's own draw; no second sampling for a grid.
-    assert sorted(p.name[:15] for p in run.samples.glob("eval_step*.png")) == ["eval_step000015", "eval_step000030"]
+    assert sorted(p.name[:16] for p in run.samples.glob("eval_step*.png")) == ["eval_step0000150", "eval_step0000300"]
     assert not list(run.samples.glob("grid_step_*.png"))
     evals = read_jsonl(run.evals)
     assert [r["step"] for r in evals] == [150, 300]

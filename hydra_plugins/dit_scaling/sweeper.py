@@ -21,8 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from scaling.config import config_to_dict
 from scaling.grid import (Composer, check_placement, compose_points, config_dir_of, grid_overrides, group_dirs,
                           launcher_kind, one_line_error)
-from scaling.jobs import (EXIT_BAD_INPUT, LaunchExit, Point, analyze, grid_budgets, job_value, point_state,
-                          summarize, waves)
+from scaling.jobs import EXIT_BAD_INPUT, LaunchExit, Point, analyze, job_value, point_state, summarize, waves
 from scaling.plan import format_plan, plan_rows
 from scaling.provenance import launch_record
 from scaling.rundir import launched_points, write_json
@@ -136,7 +135,7 @@ class GridSweeper(Sweeper):
         self.record(points, values)
         if any(p.cfg.analyze for p in points) and not any(o == "submitted" for o in outcomes.values()):
             for root in dict.fromkeys(p.cfg.output_root for p in points):
-                analyze(root, grid_budgets([p.cfg for p in points], root))
+                analyze(root)
         if code:
             raise LaunchExit(code)
         return returns
