@@ -373,8 +373,10 @@ def main(argv=None) -> int:
     try:
         budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else None
     except ValueError:
-        print(f"error: --budgets {args.budgets}: not a comma-separated list of numbers (e.g. 1e11,3e11)",
-              file=sys.stderr)
+        budgets = [-1.0]
+    if budgets is not None and not all(b > 0 for b in budgets):
+        print(f"error: --budgets {args.budgets}: not a comma-separated list of positive numbers of FLOPs "
+              f"(e.g. 1e11,3e11)", file=sys.stderr)
         return 2
     try:
         df = read_table(args.source)

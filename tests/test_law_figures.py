@@ -115,7 +115,8 @@ def test_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "forecast_largest (val_mse_ema): median |error|" in printed
     assert main([str(tmp_path / "results.csv"), "--budgets", "1e11,lots"]) == 2
-    assert "--budgets 1e11,lots: not a comma-separated list of numbers" in capsys.readouterr().err
+    assert "--budgets 1e11,lots: not a comma-separated list of positive numbers of FLOPs" in capsys.readouterr().err
+    assert main([str(tmp_path / "results.csv"), "--budgets", "1e11,-3e11"]) == 2
     assert main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "b"), "--n-boot", "10", "--budgets",
                  "3e10,1e11,3e11"]) == 0
     iso = json.loads((tmp_path / "b" / "laws.json").read_text())["isoflop"]["isoflop"]
