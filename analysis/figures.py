@@ -24,8 +24,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from analysis.fits import (bootstrap_fit, bootstrap_frontier, compute_optimal_model, frontier, held_out,
-                           pearson_log)
+from analysis.fits import (bootstrap_fit, bootstrap_frontier, compute_optimal_model, contested_range, frontier,
+                           held_out, pearson_log)
 from scaling.results import REFERENCE_CSV, paper_table, read_table
 
 SIZES = ("XXS", "XS", "S", "M", "B", "L", "XL")
@@ -309,11 +309,19 @@ def fig9_train_compute(df: pd.DataFrame, out_dir, n_boot: int = 500, seed: int =
                 **_style(p["model"], p["patch"]))
         rows += [{"kind": "checkpoint", "label": label, "run_id": run, "step": s, "train_flops": c, "fd": f}
                  for s, c, f in zip(g["step"], g["train_flops"], g["fd"])]
-    ax.plot(front["train_flops"], front["fd"], ls="none", marker="o", ms=8, mfc="none", mec="black", mew=1.0,
-            gid="frontier", label="compute-optimal frontier")
-    rows += [{"kind": "frontier", "label": _label_of(front.iloc[[i]]), "run_id": r, "step": s, "train_flops": c,
-              "fd": f} for i, (r, s, c, f) in enumerate(front[["run_id", "step", "train_flops", "fd"]].itertuples(index=False))]
-    fits = {"metric_label": metric, "frontier_points": int(len(front))}
+    lo_c, hi_c = contested_range(d["train_flops"], d["run_id"])
+    fitted = front["train_flops"].between(lo_c, hi_c)
+    ax.plot(front.loc[fitted, "train_flops"], front.loc[fitted, "fd"], ls="none", marker="o", ms=8, mfc="none",
+            mec="black", mew=1.0, gid="frontier", label="compute-optimal frontier")
+    if (~fitted).any():  # one run's own curve: no other run reaches that compute (analysis.fits.contested_range)
+        ax.plot(front.loc[~fitted, "train_flops"], front.loc[~fitted, "fd"], ls="none", marker="o", ms=8,
+                mfc="none", mec="0.6", mew=1.0, gid="frontier_one_run",
+                label="frontier where one run alone reaches the compute (not fitted)")
+    rows += [{"kind": "frontier" if fit else "frontier_one_run", "label": _label_of(front.iloc[[i]]), "run_id": r,
+              "step": s, "train_flops": c, "fd": f}
+             for i, (r, s, c, f, fit) in enumerate(zip(front["run_id"], front["step"], front["train_flops"],
+                                                        front["fd"], fitted))]
+    fits = {"metric_label": metric, "frontier_points": int(len(front)), "frontier_points_fitted": int(fitted.sum())}
     if front["train_flops"].nunique() >= 2:
         x_pred = np.geomspace(front["train_flops"].min(), d["train_flops"].max(), 60)
         boot = bootstrap_frontier(d, n_boot=n_boot, seed=seed, x_pred=x_pred)
@@ -460,7 +468,9 @@ def summary(fits: dict) -> str:
     if "frontier_power_law" in f9:
         pl = f9["frontier_power_law"]
         lo, hi = pl["ci"]["alpha"]
-        lines.append(f"Fig. 9 frontier ({f9['frontier_points']} points): alpha = {pl['fit']['alpha']:.3f} [{lo:.3f}, {hi:.3f}]")
+        fitted = f9.get("frontier_points_fitted", f9["frontier_points"])
+        lines.append(f"Fig. 9 frontier ({f9['frontier_points']} points, {fitted} fitted): "
+                     f"alpha = {pl['fit']['alpha']:.3f} [{lo:.3f}, {hi:.3f}]")
         co = f9.get("compute_optimal", {})
         if "best" in co:
             lines.append(f"  compute-optimal at {co['budget']:.3g} FLOPs: {co['best']} "

@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis.figures import (FigureOutput, NoData, _label_of, _log_axis, _new_figure, _runs_in_order, _style,
                               save)
-from analysis.fits import _finite, bootstrap_frontier, frontier, predict
+from analysis.fits import _finite, bootstrap_frontier, contested_range, frontier, predict
 from analysis.forecasts import Forecast, forecast_curve_end, forecast_fd, forecast_largest
 from analysis.laws import bootstrap_joint_law, fd_metric, fit_fd_vs_loss, isoflop_profiles, one_row_per_step
 from scaling.results import read_table
@@ -81,10 +81,16 @@ def compute_envelope(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, n_boot
     rows = []
     _per_run_curves(ax, d, "train_flops", loss_col, rows)
     front = frontier(d, "train_flops", loss_col)
-    ax.plot(front["train_flops"], front[loss_col], ls="none", marker="o", ms=5, mfc="none", mec="black", mew=0.8,
-            gid="envelope", label="envelope (lowest loss so far)")
-    rows += [{"kind": "envelope", "label": "envelope", "run_id": r, "train_flops": c, loss_col: y}
-             for r, c, y in front[["run_id", "train_flops", loss_col]].itertuples(index=False)]
+    lo_c, hi_c = contested_range(d["train_flops"], d["run_id"])
+    fitted = front["train_flops"].between(lo_c, hi_c)
+    ax.plot(front.loc[fitted, "train_flops"], front.loc[fitted, loss_col], ls="none", marker="o", ms=5, mfc="none",
+            mec="black", mew=0.8, gid="envelope", label="envelope (lowest loss so far), fitted")
+    if (~fitted).any():  # one run's own curve: below the smallest model's optimum or beyond the largest's
+        ax.plot(front.loc[~fitted, "train_flops"], front.loc[~fitted, loss_col], ls="none", marker="o", ms=5,
+                mfc="none", mec="0.6", mew=0.8, gid="envelope_one_run",
+                label="envelope where one run alone reaches the compute (not fitted)")
+    rows += [{"kind": "envelope" if f else "envelope_one_run", "label": "envelope", "run_id": r, "train_flops": c,
+              loss_col: y} for r, c, y, f in zip(front["run_id"], front["train_flops"], front[loss_col], fitted)]
     x_pred = np.geomspace(front["train_flops"].min(), d["train_flops"].max() * 4, 60)
     boot = bootstrap_frontier(d, "train_flops", loss_col, n_boot=n_boot, seed=seed, floor=True, x_pred=x_pred)
     f, (lo, hi) = boot.fit, boot.ci["alpha"]

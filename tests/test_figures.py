@@ -7,6 +7,7 @@ import pytest
 
 from analysis.figures import (PAPER_LABEL, NoData, fig5_blocks, fig6_steps, fig8_gflops, fig9_train_compute,
                               fig10_sampling_compute, headline_setting, main, model_label)
+from analysis.fits import contested_range
 from fakes import make_fake_run, make_laptop_grid
 from helpers import drawn_legend_texts
 from scaling.results import REFERENCE_CSV, collect, paper_table
@@ -134,6 +135,12 @@ def test_fig9_on_laptop_grid(laptop, tmp_path):
     front = csv[csv["kind"] == "frontier"]
     np.testing.assert_allclose(_lines(out)["frontier"][1], front["fd"])
     assert (np.diff(front["fd"]) < 0).all()
+    # the fit keeps to the compute two runs reach; the rest of the frontier is drawn apart, not fitted
+    lo, hi = contested_range(ckpt["train_flops"], ckpt["run_id"])
+    one = csv[csv["kind"] == "frontier_one_run"]
+    assert front["train_flops"].between(lo, hi).all() and not one["train_flops"].between(lo, hi).any()
+    assert out.fits["frontier_points_fitted"] == len(front) == out.fits["frontier_power_law"]["fit"]["n"]
+    assert out.fits["frontier_points"] == len(front) + len(one)
     assert 0.1 < out.fits["frontier_power_law"]["fit"]["alpha"] < 1.0
     assert sum(out.fits["compute_optimal"]["fraction_best"].values()) == pytest.approx(1.0)
 

@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 from scipy.stats import pearsonr
 
-from analysis.fits import (bootstrap_fit, bootstrap_frontier, compute_optimal_model, fit_frontier, fit_power_law,
-                           frontier, held_out, pearson_log, predict, predict_band)
+from analysis.fits import (bootstrap_fit, bootstrap_frontier, compute_optimal_model, contested_range, fit_frontier,
+                           fit_power_law, frontier, held_out, pearson_log, predict, predict_band)
 from scaling.results import paper_table
 
 
@@ -131,8 +131,20 @@ def test_frontier_fit_recovers_the_envelope():
     # widens around the true exponent but still holds it
     boot = bootstrap_frontier(df, n_boot=100, seed=0)
     lo, hi = boot.ci["alpha"]
-    assert lo < 0.3 <= hi + 1e-6 and hi - lo < 0.1
+    # (0.106 wide: the first envelope run, alone at its compute, is outside the contested range and not fitted)
+    assert lo < 0.3 <= hi + 1e-6 and hi - lo < 0.12
     assert boot.fit.alpha == pytest.approx(0.3, abs=1e-6)
+
+
+def test_contested_range_is_where_two_distinct_runs_reach():
+    c = [1, 2, 4, 3, 6, 12, 0.5, 1]
+    g = ["s", "s", "s", "l", "l", "l", "t", "t"]
+    assert contested_range(c, g) == (1.0, 4.0)  # second-lowest first point (s), second-highest last (s)
+    assert contested_range(c[:3] * 2, g[:3] * 2) == (-np.inf, np.inf)  # one run, twice (a bootstrap resample)
+    df = pd.DataFrame({"run_id": g, "train_flops": c, "fd": [50, 40, 35, 45, 30, 20, 60, 55]})
+    with pytest.raises(ValueError, match="group_col='seed' is not a column"):
+        fit_frontier(df, group_col="seed")
+    assert fit_frontier(df.drop(columns="run_id"), contested=False).alpha > 0
 
 
 def _two_runs(noise=0.0, seed=0):

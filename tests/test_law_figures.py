@@ -75,6 +75,9 @@ def test_every_model_is_named_in_a_drawn_legend(tmp_path):
         models = set(out.data.loc[out.data["kind"].isin(["curve", "point"]), "label"])
         texts = " | ".join(drawn_legend_texts(out.fig))
         assert len(models) == 12 and all(m in texts for m in models), name
+    env = outs["loss_envelope"]
+    fitted = env.data[env.data["kind"] == "envelope"]
+    assert len(fitted) == env.fits["envelope"]["fit"]["n"] and (env.data["kind"] == "envelope_one_run").any()
     lines = {ln.get_gid(): ln for ln in outs["loss_curves"].fig.axes[0].get_lines()}
     for run, g in outs["loss_curves"].data.groupby("run_id"):
         np.testing.assert_allclose(lines[run].get_ydata(), g["val_mse_ema"])

@@ -138,21 +138,25 @@ def _touching_runs(seed: int, sigma: float) -> pd.DataFrame:
 def test_envelope_fit_with_floor_on_an_exact_envelope():
     """Approach 1 on curves that touch E + A C^-alpha once each: the frontier fit with floor recovers it.
 
-    The first run starts and the last run ends at its touch point: before the smallest model's touch and after
-    the largest's, the running minimum is one run's own curve, above the law (on a real grid, leave out the
-    compute below the smallest model's optimum and beyond the largest's, or the floor comes out too high)."""
+    The second run starts a decade below its touch, at 0.28x the first run's touch: below it the running minimum
+    is that run's own early curve, up to 27% above the law. Fitted with it, the exponent and the floor came out
+    0.232 and 0.068 (true 0.2 and 0.05); the fit keeps to the compute range two runs reach (contested_range)."""
     df = _touching_runs(0, 0.002)
     exact = fit_frontier(df.assign(loss=0.05 + 40 * df["train_flops"] ** -0.2), metric_col="loss", floor=True)
     assert exact.alpha == pytest.approx(0.2, rel=1e-3) and exact.E == pytest.approx(0.05, rel=1e-3)
+    clean = fit_frontier(_touching_runs(0, 0.0), metric_col="loss", floor=True)  # the scallops alone: 0.195
+    assert clean.alpha == pytest.approx(0.2, abs=0.01) and clean.E == pytest.approx(0.05, abs=0.005)
+    every = fit_frontier(_touching_runs(0, 0.0), metric_col="loss", floor=True, contested=False)
+    assert every.alpha > 0.225 and every.E > 0.065  # the bias the range removes
     boot = bootstrap_frontier(df, metric_col="loss", floor=True, n_boot=100)
     lo, hi = boot.ci["alpha"]
-    assert lo <= 0.2 <= hi and hi - lo < 0.1
+    assert lo <= 0.2 <= hi and hi - lo < 0.15  # 0.131: resampling runs moves the contested range
 
 
 @pytest.mark.slow
 def test_interval_coverage_over_seeds():
-    """95% intervals of the joint law's exponents and N_opt exponent (approach 3) and of approach 2's N_opt
-    exponent cover the truth in >= 90% of 20 seeds; the envelope's (approach 1) in 80%. Median widths below."""
+    """95% intervals of the joint law's exponents and N_opt exponent (approach 3), of approach 2's N_opt
+    exponent and of the envelope's (approach 1) cover the truth in >= 90% of 20 seeds. Median widths below."""
     truth = {"a": LOSS_LAW["a"], "b": LOSS_LAW["b"], "E": LOSS_LAW["E"], "n_opt_exponent": TRUE.n_opt_exponent,
              "isoflop": TRUE.n_opt_exponent, "envelope": 0.2}
     cover, widths = {k: 0 for k in truth}, {k: [] for k in truth}
@@ -169,10 +173,9 @@ def test_interval_coverage_over_seeds():
     report = {k: (cover[k], round(float(np.median(widths[k])), 4)) for k in truth}
     print("coverage of 20 seeds, median 95% interval width:", report)
     # measured: a 20/20 (width 0.011), b 19/20 (0.021), E 20/20 (0.0029), N_opt exponent 19/20 (0.015),
-    # isoFLOP N_opt exponent 19/20 (0.29), envelope exponent 16/20 (0.085)
-    assert all(report[k][0] >= 18 for k in ("a", "b", "E", "n_opt_exponent", "isoflop")), report
-    # The envelope under-covers: the running minimum of noisy points keeps the ones that fell low by chance, a
-    # bias that resampling runs does not see (and, with curves that are not tangent everywhere, the scallops
-    # between touch points bias it too). Read its interval as too narrow by about that much.
-    assert report["envelope"][0] >= 15, report
+    # isoFLOP N_opt exponent 19/20 (0.29), envelope exponent 20/20 (0.118; 16/20 at 0.085 when the fit took the
+    # running minimum below the second run's start, biased to 0.236 on average). The envelope's interval is wide
+    # against its seed-to-seed spread (sd 0.003): resampling runs measures which sizes were trained, not noise.
+    assert all(report[k][0] >= 18 for k in truth), report
     assert report["n_opt_exponent"][1] < 0.05 and report["isoflop"][1] < 0.35, report
+    assert report["envelope"][1] < 0.15, report
