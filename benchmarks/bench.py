@@ -443,7 +443,11 @@ def build_train(spec: TrainSpec, device: torch.device) -> TrainStep:
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = build_optimizer(model, spec.optimizer)
     net = torch.compile(model) if spec.compile else model
-    ema_update = update_ema if spec.ema == "foreach" else update_ema_loop
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    if spec.ema == "foreach":
+        def ema_update(): update_ema(ema_params, params, 0.9999)
+    else:
+        def ema_update(): update_ema_loop(ema, model, 0.9999)
     diffusion = Diffusion(DiffusionConfig())
     n, s = spec.batch_img, spec.input_size
     y = torch.randint(0, NUM_CLASSES, (n,), device=device)
@@ -468,7 +472,7 @@ def build_train(spec: TrainSpec, device: torch.device) -> TrainStep:
         with attention_backend(spec.attention, device):
             loss.backward()
 
-    return TrainStep(model, forward, backward, opt.step, lambda: ema_update(ema, model, 0.9999))
+    return TrainStep(model, forward, backward, opt.step, ema_update)
 
 
 def prepare_train(spec: TrainSpec, device: torch.device) -> Prepared:

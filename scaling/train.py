@@ -134,10 +134,10 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 @torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    ema_params = [p for p in ema.parameters()]
-    params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # ema = decay * ema + (1 - decay) * param
+def update_ema(ema_params: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * param, over the two modules' parameter lists (made once: walking the
+    modules at every step cost a tiny model ~0.7 ms of its ~13 ms step)."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
 def ema_decay_at(step: int, decay: float, warmup: bool) -> float:
@@ -155,6 +155,14 @@ def rng_state() -> dict:
 
 def step_seed(seed: int, rank: int, step: int) -> int:
     return (seed * 1_000_003 + rank * 10_007 + step) % (2**63)
+
+
+def seed_step(seed: int, device: torch.device) -> None:
+    """Seed the generators a training step draws from: what torch.manual_seed seeds for this device, without its
+    visits to every other backend (~0.9 ms a call on a CPU, 7% of a tiny model's step)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
 
 
 @torch.no_grad()
@@ -269,7 +277,8 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
         tracker.finish()
         return read_status(run)
 
-    dataset, heldout = split_heldout(cfg.data, cfg.val, diffusion, plan["pixel_space"], device, tc.steps)
+    dataset, heldout = split_heldout(cfg.data, cfg.val, diffusion, plan["pixel_space"], device, tc.steps,
+                                     tc.log_every)
     loader = DataLoader(Flipped(dataset), num_workers=tc.num_workers, pin_memory=device.type == "cuda",
                         batch_sampler=StepBatches(len(dataset), tc.batch_img, cfg.seed, step, tc.steps, rank,
                                                   world, cfg.data.flip))
@@ -279,6 +288,7 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
                                                                 if device.type == "cuda" else None)
     amp_dtype = autocast_dtype(tc.precision, device)
     peak = peak_flops(device)
+    params, ema_params = list(model.parameters()), list(ema.parameters())  # the same tensors all run long
 
     if rank == 0:
         lease.set_step(step)
@@ -296,7 +306,7 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
         if stop.signal is None:  # a signal while the job was starting: stop before the first step
             for batch in loader:
                 x, y = (t.to(device, non_blocking=True) for t in batch)
-                torch.manual_seed(step_seed(cfg.seed, rank, step))  # label dropout and everything below
+                seed_step(step_seed(cfg.seed, rank, step), device)  # label dropout and everything below
                 t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     losses = diffusion.training_losses(train_model, x, t, y)
@@ -307,13 +317,12 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
                                              f"{last_checkpoint_note(run, step + 1)}")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0
-                                                           else float("inf"))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
                 if not math.isfinite(grad_norm.item()):  # the update is not applied: weights stay finite
                     raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step + 1} (loss "
                                              f"{loss_val:.4g}); {last_checkpoint_note(run, step + 1)}")
                 opt.step()
-                update_ema(ema, model, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
+                update_ema(ema_params, params, ema_decay_at(step, tc.ema_decay, tc.ema_warmup))
                 step += 1
                 img_seen += tc.batch_img
                 loss_sum += loss_val
