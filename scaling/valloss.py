@@ -39,6 +39,7 @@ class ValConfig:
     heldout_img: int = 256      # images held out of training for the validation loss; 0 = none (no val loss)
     split_seed: int = 0         # which images: one seeded permutation, the same for every run of a study
     every: int = 0              # steps between evaluations; 0 = at every metrics.jsonl row (train.log_every)
+    per_decade: int = 0         # > 0: instead of `every`, at most this many rows per decade of steps, log-spaced
     timesteps: int = 8          # the fixed grid linspace(0.02 T, 0.98 T)
     noise_seed: int = 0         # the fixed noise
     raw: bool = False           # also evaluate the raw (non-EMA) weights
@@ -48,9 +49,11 @@ class ValConfig:
 def check_config(cfg: ValConfig, log_every: int) -> None:
     """One-line ValueErrors for a config that cannot work (cheap: reads no data; split_indices checks the
     dataset's size)."""
-    for key in ("heldout_img", "every"):
+    for key in ("heldout_img", "every", "per_decade"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"val.{key}={getattr(cfg, key)} must be >= 0")
+    if cfg.every and cfg.per_decade:
+        raise ValueError(f"val.every={cfg.every} and val.per_decade={cfg.per_decade}: set one of them (the other 0)")
     if cfg.timesteps < 1 or cfg.batch_img < 1:
         raise ValueError(f"val.timesteps={cfg.timesteps} and val.batch_img={cfg.batch_img} must be >= 1")
     if cfg.every and cfg.every % log_every:
@@ -90,6 +93,15 @@ class TrainSplit(Dataset):
         return (x.flip(-1) if flip else x), y
 
 
+def log_spaced(step: int, log_every: int, per_decade: int) -> bool:
+    """Whether the metrics row of `step` (a multiple of log_every) is the first row in its bin of a log grid with
+    `per_decade` bins per decade of steps: every row while rows are sparser than the grid, then at most
+    `per_decade` rows per decade (a run of 43K steps logged every 25: 54 rows at 20 per decade, not 1,720). A pure
+    function of the step, so a resumed run evaluates the same rows."""
+    prev = step - log_every
+    return prev <= 0 or math.floor(per_decade * math.log10(step)) > math.floor(per_decade * math.log10(prev))
+
+
 def timestep_grid(num_timesteps: int, k: int) -> np.ndarray:
     """k timesteps evenly spaced from 2% to 98% of the chain (T = 1000, k = 8: 20, 157, 294, ..., 980)."""
     return np.round(np.linspace(0.02 * num_timesteps, 0.98 * num_timesteps, k)).astype(np.int64)
@@ -108,8 +120,9 @@ class HeldOut:
     """The held-out images, the timestep grid and the fixed noise of one run; `losses(...)` evaluates them."""
 
     def __init__(self, dataset: Dataset, indices: np.ndarray, cfg: ValConfig, diffusion: Diffusion,
-                 pixel_space: bool, device, steps: int):
+                 pixel_space: bool, device, steps: int, log_every: int = 1):
         self.cfg, self.diffusion, self.pixel_space, self.device, self.steps = cfg, diffusion, pixel_space, device, steps
+        self.log_every = log_every  # the metrics rows' interval (train.log_every), for val.per_decade
         items = [dataset[int(i)] for i in indices]
         self.x = torch.stack([x for x, _ in items]).float().to(device)                  # (n, C, H, W)
         self.y = torch.tensor([int(y) for _, y in items], dtype=torch.long, device=device)
@@ -118,7 +131,14 @@ class HeldOut:
         self.noise = torch.randn((len(self.t) + 1, *self.x.shape), generator=g).to(device)  # (K + 1, n, C, H, W)
 
     def due(self, step: int) -> bool:
-        return self.x.shape[0] > 0 and (self.cfg.every == 0 or step % self.cfg.every == 0 or step == self.steps)
+        """Whether the metrics.jsonl row of `step` carries the held-out loss (log_every: the rows' interval)."""
+        if self.x.shape[0] == 0:
+            return False
+        if step == self.steps:
+            return True
+        if self.cfg.per_decade:
+            return log_spaced(step, self.log_every, self.cfg.per_decade)
+        return self.cfg.every == 0 or step % self.cfg.every == 0
 
     def log_row(self, step: int, ema: torch.nn.Module, model: torch.nn.Module | None = None) -> dict:
         """The columns for the metrics.jsonl row of `step` ({} when not due): EMA, and raw if val.raw."""
@@ -187,18 +207,19 @@ def _buckets(grid: np.ndarray, num_timesteps: int) -> dict:
 
 
 def split_heldout(data_cfg: DataConfig, cfg: ValConfig, diffusion: Diffusion, pixel_space: bool, device,
-                  steps: int) -> tuple[Dataset, HeldOut]:
+                  steps: int, log_every: int = 1) -> tuple[Dataset, HeldOut]:
     """(the training set, the held-out set): the one call the training loop makes.
 
     The held-out images are drawn from the whole dataset, before `data.max_images` picks its evenly strided
     subset of the rest for training, so a quick run (max_images=256) and the full run hold out the same images."""
     if cfg.heldout_img == 0:
         return build_dataset(data_cfg), HeldOut([], np.array([], dtype=np.int64), cfg, diffusion, pixel_space,
-                                                device, steps)
+                                                device, steps, log_every)
     full = build_dataset(replace(data_cfg, max_images=None))
     train_idx, heldout_idx = split_indices(len(full), cfg)
     train_idx = train_idx[strided_subset(len(train_idx), data_cfg.max_images)]
-    return TrainSplit(full, train_idx), HeldOut(full, heldout_idx, cfg, diffusion, pixel_space, device, steps)
+    return TrainSplit(full, train_idx), HeldOut(full, heldout_idx, cfg, diffusion, pixel_space, device, steps,
+                                                log_every)
 
 
 # ----------------------------------------------------------------------------- into the results table

@@ -16,8 +16,8 @@ from scaling.models import build_model
 from scaling.results import collect
 from scaling.rundir import read_jsonl
 from scaling.train import batch_indices, train
-from scaling.valloss import (HeldOut, TrainSplit, ValConfig, bucket_name, check_config, split_indices,
-                             timestep_grid, with_val_rows)
+from scaling.valloss import (HeldOut, TrainSplit, ValConfig, bucket_name, check_config, log_spaced,
+                             split_indices, timestep_grid, with_val_rows)
 
 
 def tiny(output_root, *extra):
@@ -63,6 +63,24 @@ def test_grid_and_buckets():
         ["t750_999"] * 2
     with pytest.raises(ValueError, match="multiple of train.log_every=50"):
         check_config(ValConfig(every=75), 50)
+
+
+def test_log_spaced_rows_thin_out_by_decade():
+    rows = range(25, 43_001, 25)  # laptop-XXS/4 at 2e12 FLOPs, logged every 25 steps
+    due = [s for s in rows if log_spaced(s, 25, 20)]
+    assert due[:8] == [25, 50, 75, 100, 125, 150, 175, 200]  # rows sparser than 20 a decade: every one
+    assert len(due) == 54 and due[-1] == 39_825  # not 1,720
+    for lo in (100, 1000, 10_000):  # at most 20 rows in any decade
+        assert sum(lo <= s < 10 * lo for s in due) <= 20
+    ratios = np.array(due[30:]) / np.array(due[29:-1])
+    assert ratios.max() < 10 ** (2 / 20)  # no gap wider than two bins
+    held = _heldout(per_decade=20)
+    held.log_every, held.steps = 25, 43_013
+    assert [s for s in rows if held.due(s)] == due and held.due(43_013)  # and the run's last step
+    with pytest.raises(ValueError, match="val.every=50 and val.per_decade=20: set one of them"):
+        check_config(ValConfig(every=50, per_decade=20), 50)
+    with pytest.raises(ValueError, match="val.per_decade=-1 must be >= 0"):
+        check_config(ValConfig(per_decade=-1), 50)
 
 
 
@@ -117,9 +135,10 @@ def test_with_val_rows_joins_the_results_table():
 
 def test_split_changes_the_run_id_and_the_schedule_does_not(tmp_path):
     ids = {o: run_id(config_from_overrides(tiny(tmp_path, o))) for o in
-           ("val.heldout_img=32", "val.heldout_img=16", "val.split_seed=1", "val.every=2", "val.timesteps=4")}
+           ("val.heldout_img=32", "val.heldout_img=16", "val.split_seed=1", "val.every=2", "val.timesteps=4",
+            "val.per_decade=10")}
     assert len({ids["val.heldout_img=32"], ids["val.heldout_img=16"], ids["val.split_seed=1"]}) == 3
-    assert ids["val.every=2"] == ids["val.timesteps=4"] == ids["val.heldout_img=32"]
+    assert ids["val.every=2"] == ids["val.timesteps=4"] == ids["val.per_decade=10"] == ids["val.heldout_img=32"]
 
 
 def test_training_logs_the_held_out_loss_and_never_reads_held_out_images(tmp_path, monkeypatch):
