@@ -591,6 +591,9 @@ def test_the_local_pool_starts_the_largest_jobs_first_counting_steps_already_don
     assert [p.run_id for p in local_launcher.largest_first([s8, xl2, b4])] == [xl2.run_id, b4.run_id, s8.run_id]
     write_status(run_dir_for(xl2.cfg), "preempted", 999)  # 1 step of laptop-XL/2 left: less than all of S/8
     assert [p.run_id for p in local_launcher.largest_first([s8, xl2, b4])] == [b4.run_id, s8.run_id, xl2.run_id]
+    # equal FLOPs (an isoFLOP budget): the tiny model's many steps take longest and start first
+    l4, xxs4 = point("laptop_l", 4, 552), point("laptop_xxs", 4, 43_013)
+    assert [p.run_id for p in local_launcher.largest_first([l4, xxs4])] == [xxs4.run_id, l4.run_id]
 
 
 def test_the_progress_line_names_each_running_job_with_its_step_rate_and_eta(tmp_path):

@@ -29,6 +29,10 @@ from scaling.rundir import last_jsonl_row, read_status
 from scaling.train import format_duration
 
 PROGRESS_S = 60.0                # how often the pool prints where its running jobs are
+# A training step's cost on one core of the 2-core VM (for the order of the jobs only): ~12 ms of work whatever the
+# model (optimizer, EMA, data, Python; laptop-XXS/4 trains 2,400 img/s), plus its FLOPs at ~23 GFLOP/s (laptop-L/4
+# and XL/2 at batch 32).
+STEP_OVERHEAD_S, CORE_FLOPS_PER_S = 0.012, 2.3e10
 
 
 class LocalPoolLauncher(Launcher):
@@ -163,17 +167,18 @@ def run_local(commands: dict[str, list[str]], points: list[Point], slots: list[d
 
 
 def largest_first(points: list[Point]) -> list[Point]:
-    """The points by training FLOPs left to do, largest first: with a pool of N slots the grid then ends when its
-    largest job ends, not when a large job started last does (the 12-point grid in grid order ran laptop-XL/2,
-    ~40% of the work, last)."""
+    """The points by estimated time left, longest first: with a pool of N slots the grid then ends when its longest
+    job ends, not when a long job started last does (the 12-point grid in grid order ran laptop-XL/2, ~40% of the
+    work, last). The estimate is steps x (a fixed cost per step + the step's FLOPs at a CPU core's rate): by FLOPs
+    alone the isoFLOP study's waves, equal in FLOPs, started laptop-XXS/4 (43K steps, the longest job, its steps
+    costing more than their FLOPs) last and ended each wave with one core idle."""
 
-    def flops_to_go(p: Point) -> float:
-        plan = make_plan(p.cfg, count="closed_form")
-        run = run_dir_for(p.cfg)
-        done = read_status(run)["step"]
-        return plan["train_flops"] * max(0, p.cfg.train.steps - done) / max(1, p.cfg.train.steps)
+    def seconds_to_go(p: Point) -> float:
+        flops_per_step = make_plan(p.cfg, count="closed_form")["train_flops"] / max(1, p.cfg.train.steps)
+        steps = max(0, p.cfg.train.steps - read_status(run_dir_for(p.cfg))["step"])
+        return steps * (STEP_OVERHEAD_S + flops_per_step / CORE_FLOPS_PER_S)
 
-    return sorted(points, key=flops_to_go, reverse=True)  # stable: equal costs keep the grid's order
+    return sorted(points, key=seconds_to_go, reverse=True)  # stable: equal costs keep the grid's order
 
 
 def progress_line(running: list[Point], finished: int, total: int, elapsed_s: float) -> str:
