@@ -278,7 +278,7 @@ def _train_locked(cfg: RunConfig, run: RunDir, plan: dict, rank: int, world: int
         return read_status(run)
 
     dataset, heldout = split_heldout(cfg.data, cfg.val, diffusion, plan["pixel_space"], device, tc.steps,
-                                     tc.log_every)
+                                     tc.log_every, tc.ckpt_every)
     loader = DataLoader(Flipped(dataset), num_workers=tc.num_workers, pin_memory=device.type == "cuda",
                         batch_sampler=StepBatches(len(dataset), tc.batch_img, cfg.seed, step, tc.steps, rank,
                                                   world, cfg.data.flip))

@@ -120,9 +120,9 @@ class HeldOut:
     """The held-out images, the timestep grid and the fixed noise of one run; `losses(...)` evaluates them."""
 
     def __init__(self, dataset: Dataset, indices: np.ndarray, cfg: ValConfig, diffusion: Diffusion,
-                 pixel_space: bool, device, steps: int, log_every: int = 1):
+                 pixel_space: bool, device, steps: int, log_every: int = 1, ckpt_every: int = 0):
         self.cfg, self.diffusion, self.pixel_space, self.device, self.steps = cfg, diffusion, pixel_space, device, steps
-        self.log_every = log_every  # the metrics rows' interval (train.log_every), for val.per_decade
+        self.log_every, self.ckpt_every = log_every, ckpt_every  # train.log_every and ckpt_every, for val.per_decade
         items = [dataset[int(i)] for i in indices]
         self.x = torch.stack([x for x, _ in items]).float().to(device)                  # (n, C, H, W)
         self.y = torch.tensor([int(y) for _, y in items], dtype=torch.long, device=device)
@@ -136,8 +136,9 @@ class HeldOut:
             return False
         if step == self.steps:
             return True
-        if self.cfg.per_decade:
-            return log_spaced(step, self.log_every, self.cfg.per_decade)
+        if self.cfg.per_decade:  # and at every checkpoint: each evaluated checkpoint has its loss beside its FD
+            return log_spaced(step, self.log_every, self.cfg.per_decade) or bool(
+                self.ckpt_every and step % self.ckpt_every == 0)
         return self.cfg.every == 0 or step % self.cfg.every == 0
 
     def log_row(self, step: int, ema: torch.nn.Module, model: torch.nn.Module | None = None) -> dict:
@@ -207,19 +208,19 @@ def _buckets(grid: np.ndarray, num_timesteps: int) -> dict:
 
 
 def split_heldout(data_cfg: DataConfig, cfg: ValConfig, diffusion: Diffusion, pixel_space: bool, device,
-                  steps: int, log_every: int = 1) -> tuple[Dataset, HeldOut]:
+                  steps: int, log_every: int = 1, ckpt_every: int = 0) -> tuple[Dataset, HeldOut]:
     """(the training set, the held-out set): the one call the training loop makes.
 
     The held-out images are drawn from the whole dataset, before `data.max_images` picks its evenly strided
     subset of the rest for training, so a quick run (max_images=256) and the full run hold out the same images."""
     if cfg.heldout_img == 0:
         return build_dataset(data_cfg), HeldOut([], np.array([], dtype=np.int64), cfg, diffusion, pixel_space,
-                                                device, steps, log_every)
+                                                device, steps, log_every, ckpt_every)
     full = build_dataset(replace(data_cfg, max_images=None))
     train_idx, heldout_idx = split_indices(len(full), cfg)
     train_idx = train_idx[strided_subset(len(train_idx), data_cfg.max_images)]
     return TrainSplit(full, train_idx), HeldOut(full, heldout_idx, cfg, diffusion, pixel_space, device, steps,
-                                                log_every)
+                                                log_every, ckpt_every)
 
 
 # ----------------------------------------------------------------------------- into the results table

@@ -77,6 +77,8 @@ def test_log_spaced_rows_thin_out_by_decade():
     held = _heldout(per_decade=20)
     held.log_every, held.steps = 25, 43_013
     assert [s for s in rows if held.due(s)] == due and held.due(43_013)  # and the run's last step
+    held.ckpt_every = 5000  # and every checkpoint, whose FD then has its loss
+    assert [s for s in rows if held.due(s)] == sorted(set(due) | set(range(5000, 43_001, 5000)))
     with pytest.raises(ValueError, match="val.every=50 and val.per_decade=20: set one of them"):
         check_config(ValConfig(every=50, per_decade=20), 50)
     with pytest.raises(ValueError, match="val.per_decade=-1 must be >= 0"):
