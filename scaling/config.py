@@ -33,7 +33,7 @@ from scaling.valloss import ValConfig, check_config as check_val
 # (constant learning rate) or another checkpoint interval continues the same run.
 _NOT_TRAINING = {"train": ("steps", "budget_flops", "ckpt_every", "log_every", "grid_every", "num_workers",
                            "device"),
-                 "val": ("every", "per_decade", "timesteps", "noise_seed", "raw", "batch_img")}  # the split is training data
+                 "val": ("every", "per_decade", "timesteps", "noise_seed", "raw", "batch_img")}  # the split: training data
 
 
 # ----------------------------------------------------------------------------- training

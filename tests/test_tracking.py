@@ -81,7 +81,8 @@ def wandb_records(path: Path):
 
 def read_attempts(run_path: Path) -> list[dict]:
     """Each offline folder of the run, in order of start time (the order `wandb sync` uploads them in): its run
-    record, metric definitions, history rows (with `_step`) and summary updates."""
+    record, metric definitions, history rows (with `_step`) and summary updates. A process stopped within a second
+    of its start may leave a folder with no record at all (run None): wandb had not written any yet."""
     out = []
     for f in (run_path / "wandb").glob("offline-run-*/run-*.wandb"):
         a = {"file": f, "run": None, "metrics": [], "history": [], "summary": {}}
@@ -98,7 +99,9 @@ def read_attempts(run_path: Path) -> list[dict]:
                 a["summary"].update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
                                      for i in r.summary.update})
         out.append(a)
-    return sorted(out, key=lambda a: (a["run"].start_time.seconds, a["run"].start_time.nanos))
+    return sorted(out, key=lambda a: (a["file"].parent.name.split("-")[2],  # offline-run-<start, to the second>-...
+                                      a["run"].start_time.seconds if a["run"] else 0,
+                                      a["run"].start_time.nanos if a["run"] else 0))
 
 
 # ----------------------------------------------------------------------------- the test on a real offline run

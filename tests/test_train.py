@@ -99,7 +99,7 @@ def test_nan_loss_fails_with_step_and_keeps_last_good_checkpoint(tmp_path, monke
 
 def test_sigusr2_saves_exits_cleanly_and_rerun_matches(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    args = tiny(tmp_path / "sig", "train.steps=400", "train.ckpt_every=1000", "train.log_every=1")
+    args = tiny(tmp_path / "sig", "train.steps=400", "train.ckpt_every=1000", "train.log_every=1", "val.every=100")
     proc = subprocess.Popen([sys.executable, "-m", "scaling.train", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cfg = config_from_overrides(args)
@@ -121,7 +121,8 @@ def test_sigusr2_saves_exits_cleanly_and_rerun_matches(tmp_path):
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resumed from step {stopped_at}" in rerun.stdout
 
-    straight = config_from_overrides(tiny(tmp_path / "straight", "train.steps=400", "train.ckpt_every=1000"))
+    straight = config_from_overrides(tiny(tmp_path / "straight", "train.steps=400", "train.ckpt_every=1000",
+                                          "val.every=100"))
     train(straight)
     a = load_checkpoint(checkpoint_path(run, 400))
     b = load_checkpoint(checkpoint_path(run_dir_for(straight), 400))
