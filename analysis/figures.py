@@ -24,8 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-from analysis.fits import (bootstrap_fit, bootstrap_frontier, compute_optimal_model, contested_range, frontier,
-                           held_out, pearson_log)
+from analysis.fits import bootstrap_fit, bootstrap_frontier, compute_optimal_model, frontier, held_out, pearson_log
 from scaling.results import REFERENCE_CSV, paper_table, read_table
 
 SIZES = ("XXS", "XS", "S", "M", "B", "L", "XL")
@@ -309,8 +308,7 @@ def fig9_train_compute(df: pd.DataFrame, out_dir, n_boot: int = 500, seed: int =
                 **_style(p["model"], p["patch"]))
         rows += [{"kind": "checkpoint", "label": label, "run_id": run, "step": s, "train_flops": c, "fd": f}
                  for s, c, f in zip(g["step"], g["train_flops"], g["fd"])]
-    lo_c, hi_c = contested_range(d["train_flops"], d["run_id"])
-    fitted = front["train_flops"].between(lo_c, hi_c)
+    fitted = front["contested"]  # the points the fit takes (analysis.fits.contested_range)
     ax.plot(front.loc[fitted, "train_flops"], front.loc[fitted, "fd"], ls="none", marker="o", ms=8, mfc="none",
             mec="black", mew=1.0, gid="frontier", label="compute-optimal frontier")
     if (~fitted).any():  # one run's own curve: no other run reaches that compute (analysis.fits.contested_range)
@@ -322,7 +320,7 @@ def fig9_train_compute(df: pd.DataFrame, out_dir, n_boot: int = 500, seed: int =
              for i, (r, s, c, f, fit) in enumerate(zip(front["run_id"], front["step"], front["train_flops"],
                                                         front["fd"], fitted))]
     fits = {"metric_label": metric, "frontier_points": int(len(front)), "frontier_points_fitted": int(fitted.sum())}
-    if front["train_flops"].nunique() >= 2:
+    if front.loc[fitted, "train_flops"].nunique() >= 2:
         x_pred = np.geomspace(front["train_flops"].min(), d["train_flops"].max(), 60)
         boot = bootstrap_frontier(d, n_boot=n_boot, seed=seed, x_pred=x_pred)
         lo, hi = boot.ci["alpha"]
@@ -336,6 +334,9 @@ def fig9_train_compute(df: pd.DataFrame, out_dir, n_boot: int = 500, seed: int =
             fits["compute_optimal"] = compute_optimal_model(d, budget, n_boot=n_boot, seed=seed).to_dict()
         except ValueError as e:
             fits["compute_optimal"] = {"budget": budget, "skipped": str(e)}
+    else:
+        fits["frontier_power_law_skipped"] = (f"{int(fitted.sum())} frontier point(s) inside the compute range two "
+                                              f"or more runs share (analysis.fits.contested_range); a fit needs 2+")
     ax.set_xscale("log")
     _log_axis(ax.yaxis)
     ax.set_xlabel("Training compute (FLOPs = Gflops/img x 1e9 x batch x steps x 3)")

@@ -218,14 +218,21 @@ def pearson_log(df: pd.DataFrame, x_col: str, y_col: str) -> float:
 # ----------------------------------------------------------------------------- compute-optimal frontier
 
 
-def frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fd") -> pd.DataFrame:
+def frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fd",
+             group_col: str | None = "run_id") -> pd.DataFrame:
     """The compute-optimal frontier: checkpoints (sorted by compute) that reach a new lowest metric.
 
-    Every point on it is the best any run achieved with at most that much training compute.
+    Every point on it is the best any run achieved with at most that much training compute. With `group_col`
+    (when it is a column), a boolean column `contested`: the point lies inside contested_range, where the
+    envelope fits take their points.
     """
     d = _finite(df, compute_col, metric_col)
     d = d[d[compute_col] > 0].sort_values([compute_col, metric_col], kind="stable")
-    return d[_new_minimum(d[metric_col].to_numpy())].reset_index(drop=True)
+    front = d[_new_minimum(d[metric_col].to_numpy())].reset_index(drop=True)
+    if group_col is not None and group_col in d.columns:
+        lo, hi = contested_range(d[compute_col], d[group_col])
+        front["contested"] = front[compute_col].between(lo, hi)
+    return front
 
 
 def _new_minimum(metric_sorted: np.ndarray) -> np.ndarray:
@@ -235,18 +242,21 @@ def _new_minimum(metric_sorted: np.ndarray) -> np.ndarray:
 
 
 def contested_range(compute, groups) -> tuple[float, float]:
-    """The compute range that two or more runs reach: from the second-lowest first checkpoint of the distinct runs
-    to the second-highest last one ((-inf, inf) with fewer than two runs).
-
-    Outside it the running minimum is one run's own curve: below the smallest model's optimum (its early,
-    transient steps) or beyond the largest model's, where no other size competes, so the frontier there lies
-    above the compute-optimal law and pulls a fitted exponent and floor up (on the synthetic envelope of
-    tests/test_laws.py, alpha 0.232 and E 0.068 for a true 0.2 and 0.05 without noise; 0.195 and 0.047 with the
-    range). The fits of the envelope use this range; the frontier itself is every running minimum."""
+    """From the second-lowest first checkpoint of the distinct runs to the second-highest last one: outside it only
+    one run has points (below: the smallest model's early, transient steps, below its optimum; beyond: the
+    largest model's tail, where no other size competes), so the frontier there is one run's own curve, above the
+    compute-optimal law, and it pulls a fitted exponent and floor up (on the synthetic envelope of
+    tests/test_laws.py, alpha 0.232 and E 0.068 for a true 0.2 and 0.05 without noise; 0.195 and 0.047 inside the
+    range). Inside it, stretches where runs do not overlap are kept (a hull, not a count). Empty (inf, -inf) with
+    fewer than two runs, so a bootstrap resample of one run is not fitted. The envelope fits use this range; the
+    frontier itself is every running minimum."""
     compute = np.asarray(compute, dtype=float)
-    codes, uniques = pd.factorize(np.asarray(groups))
+    groups = pd.Series(np.asarray(groups, dtype=object))
+    if groups.isna().any():
+        raise ValueError(f"{int(groups.isna().sum())} points have no run (group) value; every point needs one")
+    codes, uniques = pd.factorize(groups)
     if len(uniques) < 2:
-        return -np.inf, np.inf
+        return np.inf, -np.inf
     first = np.full(len(uniques), np.inf)
     last = np.full(len(uniques), -np.inf)
     np.minimum.at(first, codes, compute)
@@ -271,7 +281,7 @@ def fit_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col:
                  floor: bool = False, huber_scale: float = 0.1, starts=None, group_col: str = "run_id",
                  contested: bool = True) -> PowerLawFit:
     """Power-law fit of the frontier points: metric = E + A * compute^-alpha; with `contested` (default) only the
-    points in the compute range two or more runs reach (contested_range)."""
+    points inside contested_range (none with fewer than two runs: the fit then raises)."""
     d = _finite(df, compute_col, metric_col)
     d = d[d[compute_col] > 0]
     if contested and group_col not in d.columns:
@@ -293,6 +303,8 @@ def bootstrap_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metri
     def statistic(frame, start):
         c, m = _frontier_arrays(frame[compute_col].to_numpy(), frame[metric_col].to_numpy(),
                                 frame[group_col].to_numpy(), contested)
+        if c.size < 2:  # e.g. a resample of one distinct run: no contested range
+            raise ValueError(f"{c.size} frontier point(s) in the contested compute range; a fit needs 2+")
         starts = [_start_of(start, c)] if start is not None else None
         return fit_power_law(c, m, floor=floor, starts=starts)
 

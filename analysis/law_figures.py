@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis.figures import (FigureOutput, NoData, _label_of, _log_axis, _new_figure, _runs_in_order, _style,
                               save)
-from analysis.fits import _finite, bootstrap_frontier, contested_range, frontier, predict
+from analysis.fits import _finite, bootstrap_frontier, frontier, predict
 from analysis.forecasts import Forecast, forecast_curve_end, forecast_fd, forecast_largest
 from analysis.laws import bootstrap_joint_law, fd_metric, fit_fd_vs_loss, isoflop_profiles, one_row_per_step
 from scaling.results import read_table
@@ -81,8 +81,7 @@ def compute_envelope(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, n_boot
     rows = []
     _per_run_curves(ax, d, "train_flops", loss_col, rows)
     front = frontier(d, "train_flops", loss_col)
-    lo_c, hi_c = contested_range(d["train_flops"], d["run_id"])
-    fitted = front["train_flops"].between(lo_c, hi_c)
+    fitted = front["contested"]  # the points the fit takes (analysis.fits.contested_range)
     ax.plot(front.loc[fitted, "train_flops"], front.loc[fitted, loss_col], ls="none", marker="o", ms=5, mfc="none",
             mec="black", mew=0.8, gid="envelope", label="envelope (lowest loss so far), fitted")
     if (~fitted).any():  # one run's own curve: below the smallest model's optimum or beyond the largest's

@@ -3,7 +3,7 @@ loss, and held-out checks of each forecast against a naive baseline.
 
 Pure functions over the tidy results table (scaling.results) or over arrays; small dataclasses out. The compute
 envelope is `analysis.fits.bootstrap_frontier(..., floor=True)`: E + A C^-alpha over every run's curve, fitted
-where two or more runs reach the compute (`analysis.fits.contested_range`).
+inside the compute range two or more runs share (`analysis.fits.contested_range`).
 
 Model size. A DiT's cost is set by its Gflops per image, not its parameter count (the patch size changes the
 Gflops at fixed parameters: paper section 4), so the size axis N of this module is `gflops_per_img` and the data

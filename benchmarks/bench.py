@@ -444,10 +444,11 @@ def build_train(spec: TrainSpec, device: torch.device) -> TrainStep:
     opt = build_optimizer(model, spec.optimizer)
     net = torch.compile(model) if spec.compile else model
     ema_params, params = list(ema.parameters()), list(model.parameters())
-    if spec.ema == "foreach":
-        def ema_update(): update_ema(ema_params, params, 0.9999)
-    else:
-        def ema_update(): update_ema_loop(ema, model, 0.9999)
+    def ema_update() -> None:
+        if spec.ema == "foreach":
+            update_ema(ema_params, params, 0.9999)
+        else:
+            update_ema_loop(ema, model, 0.9999)
     diffusion = Diffusion(DiffusionConfig())
     n, s = spec.batch_img, spec.input_size
     y = torch.randint(0, NUM_CLASSES, (n,), device=device)

@@ -33,7 +33,8 @@ from scaling.valloss import ValConfig, check_config as check_val
 # (constant learning rate) or another checkpoint interval continues the same run.
 _NOT_TRAINING = {"train": ("steps", "budget_flops", "ckpt_every", "log_every", "grid_every", "num_workers",
                            "device"),
-                 "val": ("every", "per_decade", "timesteps", "noise_seed", "raw", "batch_img")}  # the split: training data
+                 # the held-out split (val.heldout_img, val.split_seed) decides the training data: in the run id
+                 "val": ("every", "per_decade", "timesteps", "noise_seed", "raw", "batch_img")}
 
 
 # ----------------------------------------------------------------------------- training
@@ -332,7 +333,7 @@ def validate(cfg: RunConfig) -> None:
     if tc.budget_flops < 0:
         raise ValueError(f"train.budget_flops={tc.budget_flops} must be >= 0 (0: train.steps is the horizon)")
     validate_eval(cfg.eval)
-    check_val(cfg.val, tc.log_every)
+    check_val(cfg.val, tc.log_every, tc.ckpt_every)
     _check_writable(cfg.output_root)
 
 

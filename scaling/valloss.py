@@ -46,7 +46,7 @@ class ValConfig:
     batch_img: int = 256        # images per forward pass
 
 
-def check_config(cfg: ValConfig, log_every: int) -> None:
+def check_config(cfg: ValConfig, log_every: int, ckpt_every: int = 0) -> None:
     """One-line ValueErrors for a config that cannot work (cheap: reads no data; split_indices checks the
     dataset's size)."""
     for key in ("heldout_img", "every", "per_decade"):
@@ -54,6 +54,9 @@ def check_config(cfg: ValConfig, log_every: int) -> None:
             raise ValueError(f"val.{key}={getattr(cfg, key)} must be >= 0")
     if cfg.every and cfg.per_decade:
         raise ValueError(f"val.every={cfg.every} and val.per_decade={cfg.per_decade}: set one of them (the other 0)")
+    if cfg.per_decade and ckpt_every % log_every:
+        raise ValueError(f"val.per_decade={cfg.per_decade} evaluates at checkpoints, which must be metrics rows: "
+                         f"train.ckpt_every={ckpt_every} must be a multiple of train.log_every={log_every}")
     if cfg.timesteps < 1 or cfg.batch_img < 1:
         raise ValueError(f"val.timesteps={cfg.timesteps} and val.batch_img={cfg.batch_img} must be >= 1")
     if cfg.every and cfg.every % log_every:

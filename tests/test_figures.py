@@ -143,6 +143,12 @@ def test_fig9_on_laptop_grid(laptop, tmp_path):
     assert out.fits["frontier_points"] == len(front) + len(one)
     assert 0.1 < out.fits["frontier_power_law"]["fit"]["alpha"] < 1.0
     assert sum(out.fits["compute_optimal"]["fraction_best"].values()) == pytest.approx(1.0)
+    # two runs whose compute does not overlap: no contested range, the figure is drawn and the fit skipped
+    two = laptop[laptop["run_id"].isin(laptop["run_id"].unique()[:2])].copy()
+    first = two["run_id"] == two["run_id"].iloc[0]
+    two.loc[first, "train_flops"] *= 1e6
+    apart = fig9_train_compute(two, tmp_path / "apart", n_boot=5)
+    assert "frontier_power_law" not in apart.fits and "a fit needs 2+" in apart.fits["frontier_power_law_skipped"]
 
 
 def test_fig9_on_reference(paper, tmp_path):

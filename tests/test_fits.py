@@ -140,7 +140,13 @@ def test_contested_range_is_where_two_distinct_runs_reach():
     c = [1, 2, 4, 3, 6, 12, 0.5, 1]
     g = ["s", "s", "s", "l", "l", "l", "t", "t"]
     assert contested_range(c, g) == (1.0, 4.0)  # second-lowest first point (s), second-highest last (s)
-    assert contested_range(c[:3] * 2, g[:3] * 2) == (-np.inf, np.inf)  # one run, twice (a bootstrap resample)
+    assert contested_range(c[:3] * 2, g[:3] * 2) == (np.inf, -np.inf)  # one run, twice (a bootstrap resample): empty
+    with pytest.raises(ValueError, match="1 points have no run"):
+        contested_range(c, g[:-1] + [None])
+    assert frontier(pd.DataFrame({"run_id": g, "train_flops": c, "fd": [50, 40, 35, 45, 30, 20, 60, 55]}))[
+        "contested"].tolist() == [False, True, True, True, False, False]  # t at 0.5; s 1-4; l at 6, 12 beyond 4
+    with pytest.raises(ValueError, match="at least 2 distinct x"):  # one run: nothing contested to fit
+        fit_frontier(pd.DataFrame({"run_id": ["s"] * 3, "train_flops": [1, 2, 4], "fd": [50, 40, 35]}))
     df = pd.DataFrame({"run_id": g, "train_flops": c, "fd": [50, 40, 35, 45, 30, 20, 60, 55]})
     with pytest.raises(ValueError, match="group_col='seed' is not a column"):
         fit_frontier(df, group_col="seed")

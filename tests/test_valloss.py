@@ -83,6 +83,8 @@ def test_log_spaced_rows_thin_out_by_decade():
         check_config(ValConfig(every=50, per_decade=20), 50)
     with pytest.raises(ValueError, match="val.per_decade=-1 must be >= 0"):
         check_config(ValConfig(per_decade=-1), 50)
+    with pytest.raises(ValueError, match="train.ckpt_every=130 must be a multiple of train.log_every=25"):
+        check_config(ValConfig(per_decade=20), 25, 130)
 
 
 
