@@ -288,6 +288,19 @@ def fig8_gflops(df: pd.DataFrame, out_dir, step: int | None = None, overlay_pape
 # ----------------------------------------------------------------------------- Fig. 9: FID vs training compute
 
 
+def draw_frontier(ax, front: pd.DataFrame, y_col: str, gid: str, label: str, one_run_label: str, ms: float,
+                  mew: float) -> None:
+    """A frontier's points (analysis.fits.frontier, against train_flops): those its fit takes (`contested`) in
+    black as `gid`, the rest, one run's own curve where no other run reaches the compute, in grey as
+    `<gid>_one_run`."""
+    fitted = front["contested"]
+    ax.plot(front.loc[fitted, "train_flops"], front.loc[fitted, y_col], ls="none", marker="o", ms=ms, mfc="none",
+            mec="black", mew=mew, gid=gid, label=label)
+    if (~fitted).any():
+        ax.plot(front.loc[~fitted, "train_flops"], front.loc[~fitted, y_col], ls="none", marker="o", ms=ms,
+                mfc="none", mec="0.6", mew=mew, gid=f"{gid}_one_run", label=one_run_label)
+
+
 def fig9_train_compute(df: pd.DataFrame, out_dir, n_boot: int = 500, seed: int = 0,
                        name: str = "fig9_fid_vs_train_compute") -> FigureOutput:
     """Paper Fig. 9: metric vs training compute (Gflops x batch x steps x 3, in FLOPs) for every checkpoint,
@@ -309,12 +322,8 @@ def fig9_train_compute(df: pd.DataFrame, out_dir, n_boot: int = 500, seed: int =
         rows += [{"kind": "checkpoint", "label": label, "run_id": run, "step": s, "train_flops": c, "fd": f}
                  for s, c, f in zip(g["step"], g["train_flops"], g["fd"])]
     fitted = front["contested"]  # the points the fit takes (analysis.fits.contested_range)
-    ax.plot(front.loc[fitted, "train_flops"], front.loc[fitted, "fd"], ls="none", marker="o", ms=8, mfc="none",
-            mec="black", mew=1.0, gid="frontier", label="compute-optimal frontier")
-    if (~fitted).any():  # one run's own curve: no other run reaches that compute (analysis.fits.contested_range)
-        ax.plot(front.loc[~fitted, "train_flops"], front.loc[~fitted, "fd"], ls="none", marker="o", ms=8,
-                mfc="none", mec="0.6", mew=1.0, gid="frontier_one_run",
-                label="frontier where one run alone reaches the compute (not fitted)")
+    draw_frontier(ax, front, "fd", "frontier", "compute-optimal frontier",
+                  "frontier where one run alone reaches the compute (not fitted)", ms=8, mew=1.0)
     rows += [{"kind": "frontier" if fit else "frontier_one_run", "label": _label_of(front.iloc[[i]]), "run_id": r,
               "step": s, "train_flops": c, "fd": f}
              for i, (r, s, c, f, fit) in enumerate(zip(front["run_id"], front["step"], front["train_flops"],

@@ -282,14 +282,13 @@ def fit_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col:
                  contested: bool = True) -> PowerLawFit:
     """Power-law fit of the frontier points: metric = E + A * compute^-alpha; with `contested` (default) only the
     points inside contested_range (none with fewer than two runs: the fit then raises)."""
-    d = _finite(df, compute_col, metric_col)
-    d = d[d[compute_col] > 0]
-    if contested and group_col not in d.columns:
+    if contested and group_col not in df.columns:
         raise ValueError(f"group_col={group_col!r} is not a column (the contested range needs the runs); allowed: "
-                         f"{', '.join(map(str, d.columns))}, or contested=False")
-    groups = d[group_col].to_numpy() if contested else None
-    c, m = _frontier_arrays(d[compute_col].to_numpy(), d[metric_col].to_numpy(), groups, contested)
-    return fit_power_law(c, m, floor=floor, huber_scale=huber_scale, starts=starts)
+                         f"{', '.join(map(str, df.columns))}, or contested=False")
+    front = frontier(df, compute_col, metric_col, group_col if contested else None)
+    if contested:
+        front = front[front["contested"]]
+    return fit_power_law(front[compute_col], front[metric_col], floor=floor, huber_scale=huber_scale, starts=starts)
 
 
 def bootstrap_frontier(df: pd.DataFrame, compute_col: str = "train_flops", metric_col: str = "fd",

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.figures import (FigureOutput, NoData, _label_of, _log_axis, _new_figure, _runs_in_order, _style,
-                              save)
+                              draw_frontier, save)
 from analysis.fits import _finite, bootstrap_frontier, frontier, predict
 from analysis.forecasts import Forecast, forecast_curve_end, forecast_fd, forecast_largest
 from analysis.laws import bootstrap_joint_law, fd_metric, fit_fd_vs_loss, isoflop_profiles, one_row_per_step
@@ -82,12 +82,8 @@ def compute_envelope(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, n_boot
     _per_run_curves(ax, d, "train_flops", loss_col, rows)
     front = frontier(d, "train_flops", loss_col)
     fitted = front["contested"]  # the points the fit takes (analysis.fits.contested_range)
-    ax.plot(front.loc[fitted, "train_flops"], front.loc[fitted, loss_col], ls="none", marker="o", ms=5, mfc="none",
-            mec="black", mew=0.8, gid="envelope", label="envelope (lowest loss so far), fitted")
-    if (~fitted).any():  # one run's own curve: below the smallest model's optimum or beyond the largest's
-        ax.plot(front.loc[~fitted, "train_flops"], front.loc[~fitted, loss_col], ls="none", marker="o", ms=5,
-                mfc="none", mec="0.6", mew=0.8, gid="envelope_one_run",
-                label="envelope where one run alone reaches the compute (not fitted)")
+    draw_frontier(ax, front, loss_col, "envelope", "envelope (lowest loss so far), fitted",
+                  "envelope where one run alone reaches the compute (not fitted)", ms=5, mew=0.8)
     rows += [{"kind": "envelope" if f else "envelope_one_run", "label": "envelope", "run_id": r, "train_flops": c,
               loss_col: y} for r, c, y, f in zip(front["run_id"], front["train_flops"], front[loss_col], fitted)]
     x_pred = np.geomspace(front["train_flops"].min(), d["train_flops"].max() * 4, 60)

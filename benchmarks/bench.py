@@ -35,6 +35,7 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -443,12 +444,8 @@ def build_train(spec: TrainSpec, device: torch.device) -> TrainStep:
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = build_optimizer(model, spec.optimizer)
     net = torch.compile(model) if spec.compile else model
-    ema_params, params = list(ema.parameters()), list(model.parameters())
-    def ema_update() -> None:
-        if spec.ema == "foreach":
-            update_ema(ema_params, params, 0.9999)
-        else:
-            update_ema_loop(ema, model, 0.9999)
+    ema_update = (functools.partial(update_ema, list(ema.parameters()), list(model.parameters()), 0.9999)
+                  if spec.ema == "foreach" else functools.partial(update_ema_loop, ema, model, 0.9999))
     diffusion = Diffusion(DiffusionConfig())
     n, s = spec.batch_img, spec.input_size
     y = torch.randint(0, NUM_CLASSES, (n,), device=device)
