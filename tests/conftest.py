@@ -3,8 +3,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# One BLAS thread per test process (numpy's fits and bootstraps): with pytest-xdist two processes share 2 cores.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts beside the package, not installed
@@ -39,3 +43,13 @@ def tiny_vae_dir(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("vae")
     vae.save_pretrained(path)
     return str(path)
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups into the test ids
+def pytest_collection_modifyitems(config, items):
+    """With pytest-xdist (`-n 2 --dist loadgroup`, pyproject's addopts) each test module runs on one worker, so
+    its module fixtures (a trained study, a SLURM grid) are built once, and every SLURM test on the same worker:
+    the test cluster has 2 CPUs and its tests wait on their jobs."""
+    for item in items:
+        group = "slurm" if item.get_closest_marker("slurm") else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
