@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis.fits import bootstrap_fit, bootstrap_frontier, compute_optimal_model, frontier, held_out, pearson_log
-from scaling.results import REFERENCE_CSV, paper_table, read_table
+from scaling.results import REFERENCE_CSV, paper_table, read_table, seed_means
 
 SIZES = ("XXS", "XS", "S", "M", "B", "L", "XL")
 SIZE_COLORS = {"XXS": "#17becf", "XS": "#9467bd", "S": "#1f77b4", "M": "#8c564b", "B": "#2ca02c", "L": "#ff7f0e",
@@ -169,6 +169,39 @@ def _runs_in_order(d: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     return sorted(groups, key=lambda kv: _order_key(kv[1]["model"].iloc[0], kv[1]["patch"].iloc[0]))
 
 
+def seed_range(g: pd.DataFrame, y_col: str) -> dict:
+    """{n_seeds, <y>_seed_min, <y>_seed_max} of a grid point merged from several seeds (scaling.results.seed_means,
+    at its last row for a curve's whole range use the columns); {} for a point of one seed."""
+    if "n_seeds" not in g or int(g["n_seeds"].max()) < 2 or f"{y_col}_seed_min" not in g:
+        return {}
+    return {"n_seeds": int(g["n_seeds"].max())}
+
+
+def draw_seed_band(ax, g: pd.DataFrame, x_col: str, y_col: str, color, rows: list | None = None) -> None:
+    """The min-max range over seeds of a merged grid point's curve, shaded in its colour (gid <run>_seeds); the
+    first band of the axes is named in the legend. Nothing for a point of one seed."""
+    spread = seed_range(g, y_col)
+    if not spread:
+        return
+    first = not any(str(c.get_gid()).endswith("_seeds") for c in ax.collections)
+    run = g["run_id"].iloc[0]
+    ax.fill_between(g[x_col], g[f"{y_col}_seed_min"], g[f"{y_col}_seed_max"], color=color, alpha=0.18, lw=0,
+                    gid=f"{run}_seeds", label=f"range over {spread['n_seeds']} seeds" if first else None)
+    if rows is not None:
+        rows += [{"kind": "seed_range", "label": _label_of(g), "run_id": run, x_col: x, f"{y_col}_seed_min": lo,
+                  f"{y_col}_seed_max": hi, **spread}
+                 for x, lo, hi in zip(g[x_col], g[f"{y_col}_seed_min"], g[f"{y_col}_seed_max"])]
+
+
+def legend_entries(ax) -> tuple[list, list]:
+    """The axes' labelled artists, the seed band (draw_seed_band) after the models."""
+    handles, labels = ax.get_legend_handles_labels()
+    def is_band(h) -> bool:  # an errorbar container has no gid of its own
+        return str(h.get_gid() if hasattr(h, "get_gid") else None).endswith("_seeds")
+    order = sorted(range(len(handles)), key=lambda i: is_band(handles[i]))
+    return [handles[i] for i in order], [labels[i] for i in order]
+
+
 def _label_of(g: pd.DataFrame) -> str:
     r = g.iloc[0]
     return model_label(r["model"], r["patch"], r["family"])
@@ -206,8 +239,10 @@ def fig6_steps(df: pd.DataFrame, out_dir, name: str = "fig6_fid_vs_steps", logx:
         g = g.sort_values("step")
         label = _label_of(g)
         r = g.iloc[0]
-        ax.plot(g["step"], g["fd"], label=label, gid=run, lw=1.6, ms=3.5, **_style(r["model"], r["patch"]))
+        style = _style(r["model"], r["patch"])
+        ax.plot(g["step"], g["fd"], label=label, gid=run, lw=1.6, ms=3.5, **style)
         rows += [{"label": label, "run_id": run, "step": s, "fd": f} for s, f in zip(g["step"], g["fd"])]
+        draw_seed_band(ax, g, "step", "fd", style["color"], rows)
     steps = d["step"][d["step"] > 0]
     if logx is None:
         logx = len(steps) > 0 and steps.max() / max(steps.min(), 1) > 30
@@ -220,7 +255,7 @@ def fig6_steps(df: pd.DataFrame, out_dir, name: str = "fig6_fid_vs_steps", logx:
     ax.set_xlabel("Training steps")
     ax.set_ylabel(metric)
     ax.set_title(f"{short} over training (Fig. 6)")
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+    ax.legend(*legend_entries(ax), loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     return save(FigureOutput(name, fig, pd.DataFrame(rows)), out_dir)
 
 
@@ -256,15 +291,22 @@ def fig8_gflops(df: pd.DataFrame, out_dir, step: int | None = None, overlay_pape
             label=rf"fit: {short} = {fit.A:.3g} G$^{{-{fit.alpha:.2f}}}$, $\alpha$ CI [{lo:.2f}, {hi:.2f}]")
     rows = [{"kind": "fit", "label": "fit", "run_id": None, "gflops_per_img": x, "fd": y, "fd_lo": a, "fd_hi": b}
             for x, y, a, b in band[["x", "y", "y_lo", "y_hi"]].itertuples(index=False)]
-    models = []
+    models, seeds = [], []
     for run, g in _runs_in_order(d):
         p = g.iloc[0]
         st = _style(p["model"], p["patch"])
         label = _label_of(g)
         models.append(ax.plot([p["gflops_per_img"]], [p["fd"]], ls="none", marker=st["marker"], color=st["color"],
                               ms=7, mec="black", mew=0.5, gid=run, label=label)[0])
+        spread = seed_range(g, "fd")
+        if spread:  # the seeds' range; the point is their mean
+            bar = ax.errorbar([p["gflops_per_img"]], [p["fd"]], yerr=[[p["fd"] - p["fd_seed_min"]],
+                              [p["fd_seed_max"] - p["fd"]]], fmt="none", ecolor=st["color"], elinewidth=1.2, capsize=3)
+            bar.lines[2][0].set_gid(f"{run}_seeds")  # the bar itself (a container has no gid)
+            seeds.append(bar)
+            spread.update(fd_seed_min=p["fd_seed_min"], fd_seed_max=p["fd_seed_max"])
         rows.append({"kind": "point", "label": label, "run_id": run, "gflops_per_img": p["gflops_per_img"],
-                     "fd": p["fd"]})
+                     "fd": p["fd"], **spread})
     if overlay_paper and not d["run_id"].str.endswith("-paper").all():  # not when plotting the paper itself
         ref = paper_table()
         ax.plot(ref["gflops_per_img"], ref["fd"], ls="none", marker="o", mfc="none", mec="black", ms=8, mew=1.0,
@@ -280,6 +322,8 @@ def fig8_gflops(df: pd.DataFrame, out_dir, step: int | None = None, overlay_pape
     # The models in a figure legend right of the axes, the fit in the axes' own legend. (A second ax.legend kept
     # through ax.add_artist is clipped to the axes by matplotlib >= 3.10: outside them it was never drawn.)
     fig.legend(handles=models, loc="outside right center", fontsize=8, frameon=False)
+    if seeds:
+        seeds[0].set_label(f"mean and range over {int(d['n_seeds'].max())} seeds")
     ax.legend(handles=[h for h in ax.get_legend_handles_labels()[0] if h not in models], loc="lower left",
               fontsize=7.5, frameon=True, framealpha=0.9)
     return save(FigureOutput(name, fig, pd.DataFrame(rows), fits=fits), out_dir)
@@ -436,8 +480,11 @@ def fig5_blocks(df: pd.DataFrame, out_dir, name: str = "fig5_block_designs") -> 
 
 def build_all(df: pd.DataFrame, out_dir, step: int | None = None, overlay_paper: bool = False,
               only_fig8: bool = False, n_boot: int = 1000, seed: int = 0) -> tuple[list[FigureOutput], dict]:
-    """Every figure that has data, fits.json beside them; prints a one-line reason for each skipped figure."""
+    """Every figure that has data, fits.json beside them; prints a one-line reason for each skipped figure. Runs
+    that differ in their seed alone enter every figure and fit as one grid point, their mean, with their range
+    drawn (scaling.results.seed_means)."""
     out_dir = Path(out_dir)
+    df = seed_means(df)
     makers = {"fig8": lambda: fig8_gflops(df, out_dir, step=step, overlay_paper=overlay_paper, n_boot=n_boot,
                                           seed=seed)}
     if not only_fig8:

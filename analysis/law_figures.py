@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 
 from analysis.figures import (FigureOutput, NoData, _label_of, _log_axis, _new_figure, _runs_in_order, _style,
-                              draw_frontier, save)
+                              draw_frontier, draw_seed_band, legend_entries, save)
 from analysis.fits import _finite, bootstrap_frontier, frontier, predict
 from analysis.forecasts import Forecast, forecast_curve_end, forecast_fd, forecast_largest
 from analysis.laws import bootstrap_joint_law, fd_metric, fit_fd_vs_loss, isoflop_profiles, one_row_per_step
-from scaling.results import read_table
+from scaling.results import read_table, seed_means
 
 LOSS_COL = "val_mse_ema"
 # The loss law of the held-out forecasts: params and tokens as separate axes (analysis.laws.AxesLaw) where the
@@ -44,8 +44,7 @@ def _loss_rows(df: pd.DataFrame, loss_col: str) -> pd.DataFrame:
 
 def _legend_outside(fig) -> None:
     """Every labelled artist of the axes in one figure legend right of them (drawn in full, never clipped)."""
-    handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right center", fontsize=7.5, frameon=False)
+    fig.legend(*legend_entries(fig.axes[0]), loc="outside right center", fontsize=7.5, frameon=False)
 
 
 def _per_run_curves(ax, d: pd.DataFrame, x_col: str, y_col: str, rows: list, kind: str = "curve") -> None:
@@ -53,8 +52,10 @@ def _per_run_curves(ax, d: pd.DataFrame, x_col: str, y_col: str, rows: list, kin
         g = g.sort_values(x_col)
         p = g.iloc[0]
         label = _label_of(g)
-        ax.plot(g[x_col], g[y_col], label=label, gid=run, lw=1.3, ms=2.5, alpha=0.9, **_style(p["model"], p["patch"]))
+        style = _style(p["model"], p["patch"])
+        ax.plot(g[x_col], g[y_col], label=label, gid=run, lw=1.3, ms=2.5, alpha=0.9, **style)
         rows += [{"kind": kind, "label": label, "run_id": run, x_col: x, y_col: y} for x, y in zip(g[x_col], g[y_col])]
+        draw_seed_band(ax, g, x_col, y_col, style["color"], rows)
 
 
 def loss_curves(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, name: str = "loss_curves") -> FigureOutput:
@@ -297,8 +298,10 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
     FD is fitted on one sample size: `fd_col` "fd" that mixes metrics (curves at FD-250, the final checkpoint
     also at FD-500) becomes the named column of the most common one (analysis.laws.fd_metric); every other named
     FD column of the table (e.g. fd500_domain, final checkpoints only) gets its own FD forecast, fitted on its
-    own values, as `forecast_fd[<column>]`."""
+    own values, as `forecast_fd[<column>]`. Runs that differ in their seed alone are one grid point, their mean
+    (scaling.results.seed_means), in every fit and figure."""
     out_dir = Path(out_dir)
+    df = seed_means(df)
     fd_col = fd_metric(df, fd_col) if fd_col in df.columns else fd_col
     df = one_row_per_step(df, prefer_col=fd_col if fd_col in df.columns else None)
     same = set(df.loc[df[fd_col].notna(), "metric_name"].dropna()) if {fd_col, "metric_name"} <= set(df) else set()

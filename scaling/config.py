@@ -233,15 +233,27 @@ def family(model_name: str) -> str:
     return "paper" if model_name.startswith("dit_") else "laptop"
 
 
-def run_id(cfg: RunConfig) -> str:
-    """Readable name + short hash of everything that changes training (not the horizon or logging)."""
+def _training_digest(cfg: RunConfig, with_seed: bool) -> str:
     d = config_to_dict(cfg)
-    keep = {k: d[k] for k in ("model", "patch", "block", "seed", "data", "diffusion", "train", "val")}
+    keep = {k: d[k] for k in ("model", "patch", "block", "seed", "data", "diffusion", "train", "val")
+            if with_seed or k != "seed"}
     for group, keys in _NOT_TRAINING.items():
         keep[group] = {k: v for k, v in keep[group].items() if k not in keys}
     keep["shape"] = MODELS.get(cfg.model.name)  # a preset whose depth/width/heads change names a new run
-    digest = hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{cfg.model.name}-p{cfg.patch}-{cfg.block}-{cfg.data.name}{cfg.data.image_size}-s{cfg.seed}-{digest}"
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def run_id(cfg: RunConfig) -> str:
+    """Readable name + short hash of everything that changes training (not the horizon or logging)."""
+    return (f"{cfg.model.name}-p{cfg.patch}-{cfg.block}-{cfg.data.name}{cfg.data.image_size}-s{cfg.seed}-"
+            f"{_training_digest(cfg, with_seed=True)}")
+
+
+def point_id(cfg: RunConfig) -> str:
+    """The grid point a run is a seed of: its run id without the seed, in the name and in the hash. Runs that
+    differ in their seed alone share it (the analysis averages them: analysis.fits.seed_means)."""
+    return (f"{cfg.model.name}-p{cfg.patch}-{cfg.block}-{cfg.data.name}{cfg.data.image_size}-"
+            f"{_training_digest(cfg, with_seed=False)}")
 
 
 def run_dir_for(cfg: RunConfig) -> RunDir:
@@ -286,8 +298,8 @@ def make_plan(cfg: RunConfig, device: str = "cpu", world_size: int = 1, count: s
         raise ValueError(f"count={count!r}; allowed: fvcore, closed_form")
     tc = cfg.train
     return {
-        "run_id": run_id(cfg), "model": cfg.model.name, "family": family(cfg.model.name), "patch": cfg.patch,
-        "block": cfg.block, "seed": cfg.seed, "sweep": cfg.sweep, "params": int(params),
+        "run_id": run_id(cfg), "point_id": point_id(cfg), "model": cfg.model.name, "family": family(cfg.model.name),
+        "patch": cfg.patch, "block": cfg.block, "seed": cfg.seed, "sweep": cfg.sweep, "params": int(params),
         "gflops_per_img": float(gflops), "gflops_counter": count, "tokens": (spec["input_size"] // cfg.patch) ** 2,
         "batch_img": tc.batch_img, "steps": tc.steps, "img_total": tc.batch_img * tc.steps,
         "budget_flops": tc.budget_flops or None,

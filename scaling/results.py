@@ -21,7 +21,9 @@ import warnings
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 
+from scaling.config import config_from_dict, point_id
 from scaling.flops import train_flops
 from scaling.rundir import RunDir, load_json, read_jsonl, read_jsonl_checked, read_status
 from scaling.valloss import with_val_rows
@@ -32,6 +34,7 @@ COLUMNS = [
     "step", "img_seen", "train_flops", "fd", "fid", "inception_score", "precision", "recall",
     "feature_extractor", "num_samples", "sampler", "sampling_steps", "cfg_scale", "dataset", "resolution",
     "metric_label", "metric_name", "seed", "eval_seed", "setting", "wall_s", "state", "last_step", "steps",
+    "point_id",
 ]
 _INT_COLUMNS = ["patch", "params", "tokens", "batch_img", "step", "img_seen", "num_samples", "sampling_steps",
                 "resolution", "seed", "eval_seed", "last_step", "steps"]
@@ -78,6 +81,17 @@ def _run_dirs(root: Path) -> tuple[list[RunDir], int]:
     return with_plan, len(dirs) - len(with_plan)
 
 
+def _point_id(run: RunDir, plan: dict) -> str | None:
+    """plan.json's point_id (the run id without the seed); for a run planned before that key, computed from its
+    config.yaml; None where neither can be read (the run is a grid point of its own)."""
+    if plan.get("point_id"):
+        return str(plan["point_id"])
+    try:
+        return point_id(config_from_dict(OmegaConf.to_container(OmegaConf.load(run.config))))
+    except Exception:  # noqa: BLE001 - no config.yaml, or one an older version wrote with other keys
+        return None
+
+
 def run_rows(run: RunDir) -> tuple[list[dict], list[str]]:
     """The table rows of one run directory, and what was skipped in it (each naming its file and line)."""
     plan, plan_problem = load_json(run.plan)
@@ -95,6 +109,7 @@ def run_rows(run: RunDir) -> tuple[list[dict], list[str]]:
         "batch_img": plan.get("batch_img"), "dataset": plan.get("dataset"),
         "resolution": plan.get("resolution", plan.get("input_size")), "seed": plan.get("seed"),
         "steps": plan.get("steps"), "state": status.get("state", "pending"), "last_step": status.get("step"),
+        "point_id": _point_id(run, plan),
     }
     metrics = read_jsonl(run.metrics)  # held-out losses (val_*) join the table: scaling.valloss.with_val_rows
     if not evals:
@@ -140,11 +155,12 @@ def tidy(rows: list[dict]) -> pd.DataFrame:
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     for c in _INT_COLUMNS:
         df[c] = pd.to_numeric(df[c], errors="coerce").round().astype("Int64")
+    df["point_id"] = df["point_id"].where(df["point_id"].notna(), df["run_id"])  # no point known: its own
     df["fid"] = df["fd"].where(df["feature_extractor"] == "inception")  # FID only with the Inception weights
     df["train_flops"] = train_flops(df["gflops_per_img"], df["batch_img"].astype("float64"),
                                     df["step"].astype("float64"))
-    for c in ("run_id", "model", "family", "block", "feature_extractor", "sampler", "dataset", "metric_label",
-              "metric_name", "setting", "state"):
+    for c in ("run_id", "point_id", "model", "family", "block", "feature_extractor", "sampler", "dataset",
+              "metric_label", "metric_name", "setting", "state"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df.sort_values(["run_id", "step", "setting"], na_position="first", kind="stable").reset_index(drop=True)
 
@@ -177,6 +193,53 @@ def collect(roots) -> pd.DataFrame:
     if no_plan:
         warnings.warn(f"skipped {no_plan} run director(y/ies) without plan.json")
     return tidy(rows)
+
+
+# Columns averaged over the seeds of a grid point (seed_means): the eval metrics and every named metric or
+# held-out loss column beyond COLUMNS. The rest (sizes, steps, settings) is equal across seeds by construction.
+_SEED_MEAN_COLUMNS = ["fd", "fid", "inception_score", "precision", "recall", "wall_s"]
+SEED_SPREAD_COLUMNS = ("fd", "val_mse_ema")
+
+
+def seed_means(df: pd.DataFrame, spread_cols=SEED_SPREAD_COLUMNS) -> pd.DataFrame:
+    """One run per grid point: runs that differ in their seed alone (one `point_id`) become one run whose metrics
+    at each (step, setting) are the mean over the seeds that have that row. `n_seeds` counts those seeds and
+    `<col>_seed_min` / `<col>_seed_max` keep the range of each of `spread_cols` (equal to the value for a point of
+    one seed). A merged run's run_id is its point_id and its seed is empty; a point of one run keeps its rows.
+    A table already merged is returned as is, so figures and laws can each call it."""
+    d = df.copy()
+    if "point_id" not in d.columns:  # a table built without run directories: every run is its own point
+        d["point_id"] = d["run_id"]
+    spread = [c for c in spread_cols if c in d.columns]
+    runs_per_point = d.groupby("point_id", dropna=False)["run_id"].transform("nunique")
+    if "n_seeds" in d.columns and (runs_per_point <= 1).all():
+        return d
+    single = d[runs_per_point <= 1].assign(n_seeds=1)
+    for c in spread:
+        single[f"{c}_seed_min"] = single[f"{c}_seed_max"] = single[c]
+    many = d[runs_per_point > 1]
+    if many.empty:
+        return single
+    mean_cols = [c for c in _SEED_MEAN_COLUMNS + [c for c in d.columns if c not in COLUMNS]
+                 if c in d.columns and pd.api.types.is_numeric_dtype(d[c])]
+    keys = [k for k in ("point_id", "step", "setting") if k in d.columns]
+    g = many.groupby(keys, dropna=False, sort=False)
+    merged = g.first()
+    merged[mean_cols] = g[mean_cols].mean()
+    merged["n_seeds"] = g["run_id"].nunique()
+    for c in spread:
+        merged[f"{c}_seed_min"], merged[f"{c}_seed_max"] = g[c].min(), g[c].max()
+    merged = merged.reset_index()
+    merged["run_id"] = merged["point_id"]
+    for c in ("seed", "eval_seed"):
+        if c in merged.columns:
+            merged[c] = pd.NA
+    out = pd.concat([single, merged[single.columns]], ignore_index=True)
+    for c in _INT_COLUMNS:
+        if c in out.columns:
+            out[c] = out[c].astype("Int64")
+    order = [k for k in ("run_id", "step", "setting") if k in out.columns]
+    return out.sort_values(order, na_position="first", kind="stable").reset_index(drop=True)
 
 
 def paper_table(path=REFERENCE_CSV) -> pd.DataFrame:

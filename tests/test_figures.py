@@ -230,3 +230,33 @@ def test_fig8_takes_the_final_checkpoints_larger_sample_and_fig6_the_curves(tmp_
     assert f8.fits["metric_label"] == "FD-500 (domain features)" and f8.fits["step"] == 600
     f6 = fig6_steps(df, tmp_path / "figs")
     assert len(f6.data) == 16 and sorted(set(f6.data["step"])) == [150, 300, 450, 600]
+
+
+def test_seeds_of_a_grid_point_are_drawn_as_their_mean_and_range(tmp_path):
+    """Three seeds of laptop-S/4 enter Fig. 8 as one point, their mean, with an error bar from the lowest to the
+    highest seed and a legend entry; Fig. 6 shades the same range along the curve; the correlation counts grid
+    points, not runs."""
+    from analysis.figures import build_all
+    from scaling.results import seed_means
+
+    for seed, scale in ((0, 1.0), (1, 1.2), (2, 0.7)):
+        make_fake_run(tmp_path, "laptop_s", 4, seed=seed, gflops_per_img=0.0026,
+                      evals=[{"step": s, "fd": scale * 3000.0 / s ** 0.5} for s in (100, 400)])
+    for i, (size, g) in enumerate((("b", 0.01), ("l", 0.04), ("xl", 0.05))):
+        make_fake_run(tmp_path, f"laptop_{size}", 4, gflops_per_img=g,
+                      evals=[{"step": s, "fd": 2000.0 / (i + 2) / s ** 0.5} for s in (100, 400)])
+    df = collect([tmp_path])
+    assert build_all(df, tmp_path / "all", n_boot=20)[1]["fig8"]["n_runs"] == 4  # merged before every figure
+    f6, f8 = fig6_steps(seed_means(df), tmp_path), fig8_gflops(seed_means(df), tmp_path, n_boot=20)
+    point = f8.data[(f8.data["kind"] == "point") & (f8.data["label"] == "Laptop-S/4")].iloc[0]
+    assert point["fd"] == pytest.approx(3000.0 / 20 * (1.0 + 1.2 + 0.7) / 3)
+    assert (point["fd_seed_min"], point["fd_seed_max"], point["n_seeds"]) == pytest.approx((105.0, 180.0, 3))
+    bars = [c for c in f8.fig.axes[0].containers if str(c.lines[2][0].get_gid()).endswith("_seeds")]
+    assert len(bars) == 1
+    segment = bars[0].lines[2][0].get_segments()[0]
+    np.testing.assert_allclose(segment[:, 1], [105.0, 180.0])
+    assert "mean and range over 3 seeds" in drawn_legend_texts(f8.fig)
+    band = [c for c in f6.fig.axes[0].collections if str(c.get_gid()).endswith("_seeds")]
+    assert len(band) == 1 and "range over 3 seeds" in drawn_legend_texts(f6.fig)
+    ys = band[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(0.7 * 3000.0 / 20) and ys.max() == pytest.approx(1.2 * 3000.0 / 10)

@@ -131,3 +131,42 @@ def test_fid_only_for_inception_and_legacy_tables_read(tmp_path):
     back = read_table(write_table(legacy, tmp_path / "old.csv")[0])
     pd.testing.assert_series_equal(back["fd"], df["fd"])
     assert back.loc[back["feature_extractor"] == "domain", "fid"].isna().all()
+
+
+def test_point_id_is_the_run_id_without_the_seed():
+    from scaling.config import config_from_overrides, point_id, run_id
+
+    seeds = [config_from_overrides(["model=laptop_s", "patch=4", f"seed={s}"]) for s in (0, 1)]
+    other_lr = config_from_overrides(["model=laptop_s", "patch=4", "train.lr=2e-4"])
+    assert run_id(seeds[0]) != run_id(seeds[1]) and point_id(seeds[0]) == point_id(seeds[1])
+    assert point_id(other_lr) != point_id(seeds[0])  # a different run that is not a seed of the same point
+    assert point_id(seeds[0]).startswith("laptop_s-p4-adaln_zero-") and "-s0-" not in point_id(seeds[0])
+
+
+def _seed_grid(root):
+    """laptop_s/4 at seeds 0, 1, 2 and laptop_b/4 at seed 0; plan.json without point_id (as runs planned before
+    it), so the point comes from config.yaml."""
+    for seed, fd in ((0, 300.0), (1, 330.0), (2, 270.0)):
+        make_fake_run(root, "laptop_s", 4, seed=seed, evals=[{"step": 100, "fd": fd + 100}, {"step": 200, "fd": fd}])
+    make_fake_run(root, "laptop_b", 4, evals=[{"step": 100, "fd": 250.0}, {"step": 200, "fd": 200.0}])
+    return collect([root])
+
+
+def test_seed_means_makes_one_run_of_a_grid_points_seeds(tmp_path):
+    from scaling.results import seed_means
+
+    df = _seed_grid(tmp_path)
+    s = df[df["model"] == "laptop_s"]
+    assert s["run_id"].nunique() == 3 and s["point_id"].nunique() == 1
+    m = seed_means(df)
+    assert m["run_id"].nunique() == 2 and len(m) == 4
+    s = m[m["model"] == "laptop_s"].set_index("step")
+    assert s["run_id"].iloc[0] == df.loc[df["model"] == "laptop_s", "point_id"].iloc[0] and s["seed"].isna().all()
+    assert s.loc[200, "fd"] == pytest.approx(300.0) and s.loc[100, "fd"] == pytest.approx(400.0)
+    assert (s.loc[200, "fd_seed_min"], s.loc[200, "fd_seed_max"], s.loc[200, "n_seeds"]) == (270.0, 330.0, 3)
+    b = m[m["model"] == "laptop_b"]
+    assert list(b["fd"]) == [250.0, 200.0] and list(b["n_seeds"]) == [1, 1] and list(b["fd_seed_max"]) == [250.0, 200.0]
+    assert b["run_id"].iloc[0] == df.loc[df["model"] == "laptop_b", "run_id"].iloc[0]  # one seed: its own run
+    pd.testing.assert_frame_equal(seed_means(m), m)  # already merged: as is
+    alone = seed_means(df[df["model"] == "laptop_b"])
+    assert alone.drop(columns=["n_seeds", "fd_seed_min", "fd_seed_max"]).equals(df[df["model"] == "laptop_b"])
