@@ -27,8 +27,8 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 from analysis.fits import bootstrap_fit, bootstrap_frontier, compute_optimal_model, frontier, held_out, pearson_log
 from scaling.results import REFERENCE_CSV, paper_table, read_table, seed_means
 
-SIZES = ("XXS", "XS", "S", "M", "B", "L", "XL")
-SIZE_COLORS = {"XXS": "#17becf", "XS": "#9467bd", "S": "#1f77b4", "M": "#8c564b", "B": "#2ca02c", "L": "#ff7f0e",
+SIZES = ("XXXS", "XXS", "XS", "S", "M", "B", "L", "XL")
+SIZE_COLORS = {"XXXS": "#bcbd22", "XXS": "#17becf", "XS": "#9467bd", "S": "#1f77b4", "M": "#8c564b", "B": "#2ca02c", "L": "#ff7f0e",
                "XL": "#d62728"}
 PATCH_STYLES = {2: "-", 4: "--", 8: ":"}
 PATCH_MARKERS = {2: "o", 4: "s", 8: "^"}

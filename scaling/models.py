@@ -406,6 +406,8 @@ MODELS: dict[str, dict[str, int]] = {
     # Sizes between and below those four, for isoFLOP profiles at patch 4 (sweeps/laptop_isoflop.yaml): at laptop
     # budgets the compute-optimal size is at or below laptop-S/4, so the profiles need smaller models to span it.
     # Patch-4 Gflops/img at 16x16x1: XXS 0.00048, XS 0.0010, S 0.0026, M 0.0058, B 0.0102 (steps of ~2.2x).
+    # XXXS (one block, 0.00026) is a probe below the sweep, not in it: docs/laptop/README.md, "The isoFLOP study".
+    "laptop_xxxs": dict(depth=1, hidden_size=32, num_heads=2),
     "laptop_xxs": dict(depth=2, hidden_size=32, num_heads=2),
     "laptop_xs": dict(depth=2, hidden_size=48, num_heads=3),
     "laptop_m": dict(depth=3, hidden_size=96, num_heads=6),

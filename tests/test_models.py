@@ -30,10 +30,10 @@ def test_presets_paper_and_laptop_pattern():
     assert MODELS["dit_b"] == dict(depth=12, hidden_size=768, num_heads=12)
     assert MODELS["dit_l"] == dict(depth=24, hidden_size=1024, num_heads=16)
     assert MODELS["dit_xl"] == dict(depth=28, hidden_size=1152, num_heads=16)
-    isoflop = ("laptop_xxs", "laptop_xs", "laptop_m")  # sizes for isoFLOP profiles, not in the 4 x 3 grid
+    isoflop = ("laptop_xxxs", "laptop_xxs", "laptop_xs", "laptop_m")  # sizes for isoFLOP profiles, not in the grid
     assert set(MODELS) == set(PAPER + LAPTOP + isoflop)
     assert FAMILY_MODELS == {"paper": PAPER, "laptop": LAPTOP}
-    sizes = [MODELS[n] for n in ("laptop_xxs", "laptop_xs", "laptop_s", "laptop_m", "laptop_b")]
+    sizes = [MODELS[n] for n in ("laptop_xxxs", "laptop_xxs", "laptop_xs", "laptop_s", "laptop_m", "laptop_b")]
     gflops = [m["depth"] * m["hidden_size"] ** 2 for m in sizes]  # the blocks' cost: strictly increasing, ~2x apart
     assert all(1.5 < b / a < 3.5 for a, b in zip(gflops, gflops[1:])), gflops
     assert all(m["hidden_size"] >= 4 * 4 * 1 for m in sizes)  # a patch-4 token fits the width
