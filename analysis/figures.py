@@ -28,8 +28,8 @@ from analysis.fits import bootstrap_fit, bootstrap_frontier, compute_optimal_mod
 from scaling.results import REFERENCE_CSV, paper_table, read_table, seed_means
 
 SIZES = ("XXXS", "XXS", "XS", "S", "M", "B", "L", "XL")
-SIZE_COLORS = {"XXXS": "#bcbd22", "XXS": "#17becf", "XS": "#9467bd", "S": "#1f77b4", "M": "#8c564b", "B": "#2ca02c", "L": "#ff7f0e",
-               "XL": "#d62728"}
+SIZE_COLORS = {"XXXS": "#bcbd22", "XXS": "#17becf", "XS": "#9467bd", "S": "#1f77b4", "M": "#8c564b", "B": "#2ca02c",
+               "L": "#ff7f0e", "XL": "#d62728"}
 PATCH_STYLES = {2: "-", 4: "--", 8: ":"}
 PATCH_MARKERS = {2: "o", 4: "s", 8: "^"}
 BLOCK_LABELS = {"adaln_zero": "adaLN-Zero", "adaln": "adaLN", "cross_attn": "Cross-Attention",
@@ -170,8 +170,8 @@ def _runs_in_order(d: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 
 def seed_range(g: pd.DataFrame, y_col: str) -> dict:
-    """{n_seeds, <y>_seed_min, <y>_seed_max} of a grid point merged from several seeds (scaling.results.seed_means,
-    at its last row for a curve's whole range use the columns); {} for a point of one seed."""
+    """{"n_seeds": n} for the rows `g` of a grid point merged from n >= 2 seeds (scaling.results.seed_means) that
+    carry the seeds' range of `y_col` (`<y_col>_seed_min`, `_max`); {} for a point of one seed."""
     if "n_seeds" not in g or int(g["n_seeds"].max()) < 2 or f"{y_col}_seed_min" not in g:
         return {}
     return {"n_seeds": int(g["n_seeds"].max())}
@@ -183,7 +183,7 @@ def draw_seed_band(ax, g: pd.DataFrame, x_col: str, y_col: str, color, rows: lis
     spread = seed_range(g, y_col)
     if not spread:
         return
-    first = not any(str(c.get_gid()).endswith("_seeds") for c in ax.collections)
+    first = not any(_is_seed_range(c) for c in ax.collections)
     run = g["run_id"].iloc[0]
     ax.fill_between(g[x_col], g[f"{y_col}_seed_min"], g[f"{y_col}_seed_max"], color=color, alpha=0.18, lw=0,
                     gid=f"{run}_seeds", label=f"range over {spread['n_seeds']} seeds" if first else None)
@@ -193,12 +193,15 @@ def draw_seed_band(ax, g: pd.DataFrame, x_col: str, y_col: str, color, rows: lis
                  for x, lo, hi in zip(g[x_col], g[f"{y_col}_seed_min"], g[f"{y_col}_seed_max"])]
 
 
+def _is_seed_range(artist) -> bool:
+    """Drawn by draw_seed_band or Fig. 8's error bars (an errorbar container has no gid of its own)."""
+    return str(artist.get_gid() if hasattr(artist, "get_gid") else None).endswith("_seeds")
+
+
 def legend_entries(ax) -> tuple[list, list]:
-    """The axes' labelled artists, the seed band (draw_seed_band) after the models."""
+    """The axes' labelled artists, the seeds' range (draw_seed_band) after the models."""
     handles, labels = ax.get_legend_handles_labels()
-    def is_band(h) -> bool:  # an errorbar container has no gid of its own
-        return str(h.get_gid() if hasattr(h, "get_gid") else None).endswith("_seeds")
-    order = sorted(range(len(handles)), key=lambda i: is_band(handles[i]))
+    order = sorted(range(len(handles)), key=lambda i: _is_seed_range(handles[i]))
     return [handles[i] for i in order], [labels[i] for i in order]
 
 

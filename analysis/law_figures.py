@@ -306,7 +306,8 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
     df = one_row_per_step(df, prefer_col=fd_col if fd_col in df.columns else None)
     same = set(df.loc[df[fd_col].notna(), "metric_name"].dropna()) if {fd_col, "metric_name"} <= set(df) else set()
     other_fd = [c for c in df.columns if c != fd_col and c not in same and c.startswith(("fd", "fid"))
-                and any(ch.isdigit() for ch in c.split("_")[0]) and df[c].notna().any()]
+                and any(ch.isdigit() for ch in c.split("_")[0]) and not c.endswith(("_seed_min", "_seed_max"))
+                and df[c].notna().any()]
     checks, reasons = [], {}
     axes_ok = all(c in df.columns and df[c].nunique() >= 2 for c in ("params", "tokens"))
     law = FORECAST_LAW if axes_ok else {"law": "joint"}

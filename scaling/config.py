@@ -251,7 +251,7 @@ def run_id(cfg: RunConfig) -> str:
 
 def point_id(cfg: RunConfig) -> str:
     """The grid point a run is a seed of: its run id without the seed, in the name and in the hash. Runs that
-    differ in their seed alone share it (the analysis averages them: analysis.fits.seed_means)."""
+    differ in their seed alone share it (the analysis averages them: scaling.results.seed_means)."""
     return (f"{cfg.model.name}-p{cfg.patch}-{cfg.block}-{cfg.data.name}{cfg.data.image_size}-"
             f"{_training_digest(cfg, with_seed=False)}")
 

@@ -42,6 +42,7 @@ _FLOAT_COLUMNS = ["gflops_per_img", "train_flops", "fd", "fid", "inception_score
                   "cfg_scale", "wall_s"]
 _EVAL_KEYS = ["fd", "inception_score", "precision", "recall", "feature_extractor", "num_samples", "sampler",
               "sampling_steps", "cfg_scale", "wall_s", "setting"]
+_SETTING_KEYS = ("feature_extractor", "num_samples", "sampler", "sampling_steps", "cfg_scale")  # what an eval ran
 
 REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "dit_table4.csv"
 
@@ -83,12 +84,18 @@ def _run_dirs(root: Path) -> tuple[list[RunDir], int]:
 
 def _point_id(run: RunDir, plan: dict) -> str | None:
     """plan.json's point_id (the run id without the seed); for a run planned before that key, computed from its
-    config.yaml; None where neither can be read (the run is a grid point of its own)."""
+    config.yaml; None without either (the run is a grid point of its own), with a warning if config.yaml is there
+    but cannot be read."""
     if plan.get("point_id"):
         return str(plan["point_id"])
+    if not run.config.is_file():
+        return None
     try:
         return point_id(config_from_dict(OmegaConf.to_container(OmegaConf.load(run.config))))
-    except Exception:  # noqa: BLE001 - no config.yaml, or one an older version wrote with other keys
+    except Exception as e:  # noqa: BLE001 - no config.yaml, or one an older version wrote with other keys
+        warnings.warn(f"{run.run_id}: no point_id in plan.json and none from config.yaml ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); the run is a grid point of its own, never "
+                      f"averaged with other seeds")
         return None
 
 
@@ -120,7 +127,7 @@ def run_rows(run: RunDir) -> tuple[list[dict], list[str]]:
         if "step" not in e:
             problems.append(f"{run.evals}: a row without a step")
             continue
-        key = (e["step"], e.get("setting") or json.dumps({k: e.get(k) for k in _EVAL_KEYS[4:9]}, sort_keys=True))
+        key = (e["step"], e.get("setting") or json.dumps({k: e.get(k) for k in _SETTING_KEYS}, sort_keys=True))
         latest[key] = e
     rows = []
     for e in latest.values():
@@ -222,7 +229,9 @@ def seed_means(df: pd.DataFrame, spread_cols=SEED_SPREAD_COLUMNS) -> pd.DataFram
         return single
     mean_cols = [c for c in _SEED_MEAN_COLUMNS + [c for c in d.columns if c not in COLUMNS]
                  if c in d.columns and pd.api.types.is_numeric_dtype(d[c])]
-    keys = [k for k in ("point_id", "step", "setting") if k in d.columns]
+    # A row's eval setting: its `setting` name, and its columns for rows an older evals.jsonl left unnamed (a
+    # held-out-loss row has none of them: one such row per step)
+    keys = [k for k in ("point_id", "step", "setting", *_SETTING_KEYS) if k in d.columns]
     g = many.groupby(keys, dropna=False, sort=False)
     merged = g.first()
     merged[mean_cols] = g[mean_cols].mean()
@@ -231,9 +240,11 @@ def seed_means(df: pd.DataFrame, spread_cols=SEED_SPREAD_COLUMNS) -> pd.DataFram
         merged[f"{c}_seed_min"], merged[f"{c}_seed_max"] = g[c].min(), g[c].max()
     merged = merged.reset_index()
     merged["run_id"] = merged["point_id"]
-    for c in ("seed", "eval_seed"):
+    if "seed" in merged.columns:
+        merged["seed"] = pd.NA
+    for c in ("setting", "feature_extractor", "sampler"):  # the group keys back to None where empty, as in tidy
         if c in merged.columns:
-            merged[c] = pd.NA
+            merged[c] = merged[c].astype(object).where(merged[c].notna(), None)
     out = pd.concat([single, merged[single.columns]], ignore_index=True)
     for c in _INT_COLUMNS:
         if c in out.columns:

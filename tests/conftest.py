@@ -18,8 +18,10 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a folder of scripts beside the p
 torch.set_num_threads(int(os.environ.get("TEST_THREADS", "1")))
 os.environ.setdefault("WANDB_MODE", "disabled")
 # Trained feature extractors and reference statistics go to a cache of this test session, never the user's: the
-# domain classifier trains once per session, for in-process tests and launched jobs alike.
-os.environ["DIT_SCALING_CACHE"] = tempfile.mkdtemp(prefix="dit-scaling-test-cache-")
+# domain classifier trains once per session, for in-process tests and launched jobs alike. pytest-xdist's workers
+# inherit the controller's (its writes are atomic: two workers that both miss it both train it, one file stays).
+if not (os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("DIT_SCALING_CACHE")):
+    os.environ["DIT_SCALING_CACHE"] = tempfile.mkdtemp(prefix="dit-scaling-test-cache-")
 
 
 @pytest.fixture(scope="session")
@@ -51,5 +53,5 @@ def pytest_collection_modifyitems(config, items):
     its module fixtures (a trained study, a SLURM grid) are built once, and every SLURM test on the same worker:
     the test cluster has 2 CPUs and its tests wait on their jobs."""
     for item in items:
-        group = "slurm" if item.get_closest_marker("slurm") else item.module.__name__
+        group = "slurm" if item.get_closest_marker("slurm") else item.nodeid.split("::")[0]
         item.add_marker(pytest.mark.xdist_group(group))

@@ -170,3 +170,21 @@ def test_seed_means_makes_one_run_of_a_grid_points_seeds(tmp_path):
     pd.testing.assert_frame_equal(seed_means(m), m)  # already merged: as is
     alone = seed_means(df[df["model"] == "laptop_b"])
     assert alone.drop(columns=["n_seeds", "fd_seed_min", "fd_seed_max"]).equals(df[df["model"] == "laptop_b"])
+
+
+def test_seed_means_keeps_unnamed_eval_settings_apart(tmp_path):
+    """evals.jsonl rows without a `setting` name (as older versions wrote them) are told apart by what the eval ran:
+    FD-250 and FD-500 of one checkpoint are averaged over the seeds each, never with each other."""
+    from scaling.results import seed_means
+
+    for seed, shift in ((0, 0.0), (1, 10.0)):
+        make_fake_run(tmp_path, "laptop_s", 4, seed=seed, evals=[
+            {"step": 100, "fd": 300.0 + shift, "num_samples": 250, "setting": None},
+            {"step": 100, "fd": 200.0 + shift, "num_samples": 500, "setting": None}])
+    df = collect([tmp_path])
+    assert df["setting"].isna().all() and len(df) == 4
+    m = seed_means(df).set_index("num_samples")
+    assert len(m) == 2 and list(m["n_seeds"]) == [2, 2]
+    assert (m.loc[250, "fd"], m.loc[500, "fd"]) == (305.0, 205.0)
+    assert (m.loc[500, "fd_seed_min"], m.loc[500, "fd_seed_max"]) == (200.0, 210.0)
+    assert m["setting"].map(lambda v: v is None).all()  # empty as in the table, not NaN
