@@ -2,7 +2,7 @@
 
     evaluate_checkpoint(run_dir, step, eval_cfg)
       load_model (EMA weights) -> sample_to_npz (ADM batch .npz, resumable, sharded over ranks)
-      -> compute_metrics (torch-fidelity, one pass, one feature extractor: FD, IS, precision/recall, KID)
+      -> compute_metrics (torch-fidelity's steps, one feature extractor: FD, IS, precision/recall, KID)
       -> one row in <run>/evals.jsonl per (step, setting)
 
 Curves at a small N, the final checkpoint also at a large one (`eval.final_num_samples`, e.g. 250 and 500): every
@@ -47,6 +47,7 @@ from scaling.rundir import RunDir, append_jsonl, read_jsonl, temp_tag
 
 LABEL_SAMPLING = ("balanced", "uniform")        # class labels of the samples (sample_to_npz)
 SAMPLING_PRECISIONS = ("fp32", "tf32", "bf16")  # the model forward while sampling (sample_to_npz)
+PRC_BATCH = 10_000  # torch-fidelity's prc_batch_size: rows of each distance block in precision/recall
 SAMPLING_DEFAULTS = {"labels": "balanced", "precision": "fp32"}
 
 
@@ -339,37 +340,64 @@ class _WithoutLines:
 def compute_metrics(samples: Dataset, reference: Dataset, space, *, reference_key: Optional[str] = None,
                     isc: bool = True, prc: bool = True, kid: bool = False, batch_size: int = 64,
                     cuda: Optional[bool] = None, progress: bool = True) -> dict:
-    """FD, IS, precision/recall and KID of `samples` against `reference` in one torch-fidelity pass.
+    """FD, IS, precision/recall and KID of `samples` against `reference`, each image featurised once.
 
-    Both are Datasets of uint8 (3, H, W) images. With `reference_key` the reference features (and FD
-    statistics) are cached under cache_dir()/fidelity, so the reference is read once. IS is None where the
+    Both are Datasets of uint8 (3, H, W) images. With `reference_key` the reference features, FD statistics and
+    k-NN radii are cached under cache_dir()/fidelity, so the reference is read and its radii (a 10,000 x 10,000
+    distance matrix: 2.5 s of the 2.6 s precision/recall takes on a CPU core) computed once. The steps are
+    torch-fidelity's calculate_metrics for one feature extractor, each through the same torch-fidelity function,
+    so every number is the one calculate_metrics gives to the bit (tests/test_evaluate.py). IS is None where the
     feature space has no class logits. Returns {fd, is, is_std, precision, recall, f_score, kid, kid_std}.
     """
-    import torch_fidelity
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics_cached, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id_cached,
+                                      get_cacheable_input_name)
 
-    from scaling.features import cache_dir, register_extractors
+    from scaling.features import _atomic_save, cache_dir, register_extractors
 
     register_extractors()
     n1, n2 = len(samples), len(reference)
     isc = isc and space.is_layer is not None
-    layers = {f"feature_layer_{m}": space.fd_layer for m in ("fid", "kid", "prc")}
+    cache = cache_dir() / "fidelity"
+    kwargs = dict(input1=samples, input2=reference, cuda=torch.cuda.is_available() if cuda is None else cuda,
+                  batch_size=batch_size, feature_extractor_weights_path=space.weights_path,
+                  isc_splits=min(10, n1), kid_subset_size=min(1000, n1, n2),
+                  save_cpu_ram=True,  # no DataLoader workers for in-memory images
+                  cache=reference_key is not None, cache_root=str(cache), input2_cache_name=reference_key,
+                  verbose=progress)
+    layers = [space.fd_layer] + ([space.is_layer] if isc else [])
     # torch-fidelity prints every result as "Frechet Inception Distance", "Inception Score", ... whatever the
     # feature space: keep its progress bars, drop those lines (the caller logs the values under their names).
-    unnamed = ["Frechet Inception Distance:", "Inception Score:", "Kernel Inception Distance:", "Precision:",
-               "Recall:", "F-score:"]
+    unnamed = ["Frechet Inception Distance:", "Inception Score:", "Kernel Inception Distance:"]
     with contextlib.redirect_stderr(_WithoutLines(sys.stderr, unnamed)):
-        r = torch_fidelity.calculate_metrics(
-            input1=samples, input2=reference, cuda=torch.cuda.is_available() if cuda is None else cuda,
-            batch_size=batch_size, fid=True, isc=isc, prc=prc, kid=kid, feature_extractor=space.extractor,
-            feature_layer_isc=space.is_layer, **layers, feature_extractor_weights_path=space.weights_path,
-            prc_neighborhood=PRC_NEIGHBOURHOOD, isc_splits=min(10, n1), kid_subset_size=min(1000, n1, n2),
-            save_cpu_ram=True,  # no DataLoader workers for in-memory images; the batched precision/recall path
-            cache=reference_key is not None, cache_root=str(cache_dir() / "fidelity"),
-            input2_cache_name=reference_key, verbose=progress)
-    return {"fd": r["frechet_inception_distance"], "is": r.get("inception_score_mean"),
-            "is_std": r.get("inception_score_std"), "precision": r.get("precision"), "recall": r.get("recall"),
-            "f_score": r.get("f_score"), "kid": r.get("kernel_inception_distance_mean"),
-            "kid_std": r.get("kernel_inception_distance_std")}
+        extractor = create_feature_extractor(space.extractor, layers, **kwargs)
+        fake = extract_featuresdict_from_input_id_cached(1, extractor, **kwargs)
+        real = extract_featuresdict_from_input_id_cached(2, extractor, **kwargs)
+        stats = [fid_featuresdict_to_statistics_cached(f, get_cacheable_input_name(i, **kwargs), extractor,
+                                                       space.fd_layer, **kwargs) for i, f in ((1, fake), (2, real))]
+        out = {"fd": fid_statistics_to_metric(*stats, progress)["frechet_inception_distance"], "is": None,
+               "is_std": None, "precision": None, "recall": None, "f_score": None, "kid": None, "kid_std": None}
+        if isc:
+            r = isc_featuresdict_to_metric(fake, space.is_layer, **kwargs)
+            out.update({"is": r["inception_score_mean"], "is_std": r["inception_score_std"]})
+        if kid:
+            r = kid_featuresdict_to_metric(fake, real, space.fd_layer, **kwargs)
+            out.update({"kid": r["kernel_inception_distance_mean"], "kid_std": r["kernel_inception_distance_std"]})
+    if prc:
+        f1, f2 = fake[space.fd_layer], real[space.fd_layer]
+        radii = None
+        if reference_key is not None:
+            path = cache / f"{reference_key}-{space.extractor}-{space.fd_layer}-prc-radii-k{PRC_NEIGHBOURHOOD}.pt"
+            if path.is_file():
+                radii = torch.load(path, weights_only=True)
+            else:
+                radii = knn_radii(f2)
+                _atomic_save(radii, path)
+        p, r = precision_recall(f1, f2, real_radii=radii)
+        out.update({"precision": p, "recall": r, "f_score": 2 * p * r / max(1e-5, p + r)})
+    return out
 
 
 def frechet_distance(features_1: torch.Tensor, features_2: torch.Tensor) -> float:
@@ -381,13 +409,30 @@ def frechet_distance(features_1: torch.Tensor, features_2: torch.Tensor) -> floa
     return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
 
 
-def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = PRC_NEIGHBOURHOOD) -> tuple[float, float]:
-    """Improved precision/recall (Kynkaanniemi et al. 2019) through torch-fidelity: precision = share of fake
-    features inside some real feature's k-NN ball; recall = share of real inside some fake's ball."""
-    from torch_fidelity.metric_prc import prc_features_to_metric
+def knn_radii(features: torch.Tensor, k: int = PRC_NEIGHBOURHOOD) -> torch.Tensor:
+    """(N,) distance of each feature to its k-th nearest neighbour in the set (itself excluded), in torch-fidelity's
+    batches and arithmetic (calc_cdist_part, kthvalue(k + 1)): the radius of its ball in precision/recall."""
+    from torch_fidelity.metric_prc import calc_cdist_part
 
-    r = prc_features_to_metric(fake, real, prc_neighborhood=k, save_cpu_ram=True, verbose=False)
-    return r["precision"], r["recall"]
+    return torch.cat([calc_cdist_part(b, features, PRC_BATCH).kthvalue(k + 1).values
+                      for b in features.split(PRC_BATCH)])
+
+
+def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = PRC_NEIGHBOURHOOD, *,
+                     real_radii: Optional[torch.Tensor] = None) -> tuple[float, float]:
+    """Improved precision/recall (Kynkaanniemi et al. 2019): precision = share of fake features inside some real
+    feature's k-NN ball; recall = share of real inside some fake's ball. torch-fidelity's computation
+    (calculate_precision_recall_part, the same numbers to the bit), with the real set's radii given when known
+    (`knn_radii(real, k)`: they depend on the reference alone, and are most of the cost)."""
+    from torch_fidelity.metric_prc import calc_cdist_part
+
+    real_radii = knn_radii(real, k) if real_radii is None else real_radii
+    fake_radii = knn_radii(fake, k)
+    recall = torch.cat([(calc_cdist_part(b, fake, PRC_BATCH) <= fake_radii).any(dim=1).float()
+                        for b in real.split(PRC_BATCH)]).mean().item()
+    precision = torch.cat([(calc_cdist_part(b, real, PRC_BATCH) <= real_radii).any(dim=1).float()
+                           for b in fake.split(PRC_BATCH)]).mean().item()
+    return precision, recall
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:

@@ -162,7 +162,7 @@ class CountingImages(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def test_reference_features_are_cached_under_a_key_of_weights_and_data(domain, animals):
+def test_reference_features_are_cached_under_a_key_of_weights_and_data(domain, animals, cache_dir):
     data_cfg = DataConfig(image_size=SIZE)
     small = load_animal_mnist(SIZE, max_images=200)
     sha = dataset_fingerprint(small)
@@ -184,3 +184,32 @@ def test_reference_features_are_cached_under_a_key_of_weights_and_data(domain, a
     assert reads >= 200  # every image (torch-fidelity also peeks at the first one)
     second = compute_metrics(samples, reference, domain, reference_key=key, progress=False, cuda=False)
     assert reference.reads == reads and second == first  # then served from the cache, not read again
+    radii = list((cache_dir / "fidelity").glob(f"{key}-*-prc-radii-k3.pt"))
+    assert len(radii) == 1 and torch.load(radii[0]).shape == (200,)  # the reference's k-NN radii too
+
+
+def test_compute_metrics_gives_torch_fidelity_numbers_to_the_bit(domain, animals):
+    # compute_metrics runs calculate_metrics' steps itself (to reuse the reference's k-NN radii): every number
+    # must stay the one torch-fidelity's calculate_metrics gives, or the committed studies would move.
+    import torch_fidelity
+
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(animals), generator=g)
+    reference = as_npz_images(animals.x[perm[:300]])
+    for n in (60, 120):  # real images not in the reference, every other one noised
+        x = animals.x[perm[-n:]].clone()
+        x[::2] = (x[::2] + 0.5 * torch.randn(x[::2].shape, generator=g)).clamp(-1, 1)
+        samples = as_npz_images(x)
+        ours = compute_metrics(samples, reference, domain, kid=True, progress=False, cuda=False)
+        theirs = torch_fidelity.calculate_metrics(
+            input1=samples, input2=reference, cuda=False, fid=True, isc=True, prc=True, kid=True,
+            feature_extractor=domain.extractor, feature_layer_isc="logits", feature_layer_fid="features",
+            feature_layer_kid="features", feature_layer_prc="features",
+            feature_extractor_weights_path=domain.weights_path, prc_neighborhood=3, isc_splits=10,
+            kid_subset_size=n, save_cpu_ram=True, cache=False, verbose=False)
+        assert ours == {"fd": theirs["frechet_inception_distance"], "is": theirs["inception_score_mean"],
+                        "is_std": theirs["inception_score_std"], "precision": theirs["precision"],
+                        "recall": theirs["recall"], "f_score": theirs["f_score"],
+                        "kid": theirs["kernel_inception_distance_mean"],
+                        "kid_std": theirs["kernel_inception_distance_std"]}
+        assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1  # not a degenerate match

@@ -7,7 +7,7 @@ import torch
 from scipy.spatial.distance import cdist
 from scipy.special import log_softmax, softmax
 
-from scaling.evaluate import (count_label, frechet_distance, inception_score, metric_name, named_metrics,
+from scaling.evaluate import (count_label, frechet_distance, inception_score, knn_radii, metric_name, named_metrics,
                               precision_recall)
 
 
@@ -77,6 +77,20 @@ def test_precision_recall_match_brute_force_knn(seed):
     # torch-fidelity averages in float32; 1e-6 still pins the exact count (steps of 1/100 and 1/150)
     assert (p, r) == (pytest.approx(p_ref, abs=1e-6), pytest.approx(r_ref, abs=1e-6))
     assert p < 0.8  # the 40 shifted fakes lie off the real manifold: not a vacuous match
+
+
+def test_precision_recall_are_torch_fidelitys_to_the_bit_with_or_without_known_radii():
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    rng = np.random.default_rng(4)
+    real = torch.from_numpy(rng.normal(size=(400, 16)).astype(np.float32))
+    fake = torch.from_numpy(rng.normal(0.3, 1.2, size=(90, 16)).astype(np.float32))
+    theirs = prc_features_to_metric(fake, real, prc_neighborhood=3, save_cpu_ram=True, verbose=False)
+    radii = knn_radii(real)
+    assert torch.allclose(radii, torch.from_numpy(np.sort(cdist(real, real), axis=1)[:, 3]).float(), atol=1e-5)
+    for known in (None, radii):
+        assert precision_recall(fake, real, real_radii=known) == (theirs["precision"], theirs["recall"])
+    assert 0.2 < theirs["precision"] < 0.95 and 0.2 < theirs["recall"] < 0.95  # a real split, not 0 or 1
 
 
 def test_precision_recall_see_mode_dropping():
