@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from scaling.models import in_chunks
+
 SCHEDULES = ("linear", "cosine")
 SAMPLERS = ("ddpm", "ddim")
 
@@ -270,12 +272,13 @@ def guided(model, cfg_scale: float, guide_channels: int | None = None):
 def sample(model, diffusion: Diffusion, y: torch.Tensor, shape: tuple, *, sampler: str = "ddpm",
            num_steps: int | str = 250, cfg_scale: float = 1.0, eta: float = 0.0, guide_channels: int | None = None,
            clip_denoised: bool = False, generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, forward_batch: int | None = None) -> torch.Tensor:
     """Draw x_0 of `shape` (model space) for labels y by DDPM ancestral sampling or DDIM over `num_steps` steps.
 
     All randomness comes from `generator` (on y's device). `noise` overrides the initial x_T. clip_denoised clips
-    the predicted x_0 to [-1, 1] (pixel data; latents use False as DiT). Putting the model in eval mode is the
-    caller's job.
+    the predicted x_0 to [-1, 1] (pixel data; latents use False as DiT). forward_batch: images per model forward
+    (None: the whole batch; with guidance each counts twice), for speed: the noise stays the whole batch's
+    (scaling.models.images_per_forward). Putting the model in eval mode is the caller's job.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}; allowed: {', '.join(SAMPLERS)}")
@@ -283,6 +286,8 @@ def sample(model, diffusion: Diffusion, y: torch.Tensor, shape: tuple, *, sample
         raise ValueError(f"eta={eta}; allowed: >= 0 (0 = deterministic DDIM)")
     spaced = diffusion.respace(num_steps)
     model_fn = guided(model, cfg_scale, guide_channels)
+    if forward_batch is not None:
+        model_fn = in_chunks(model_fn, max(1, forward_batch // (1 if cfg_scale == 1.0 else 2)))
     device = y.device
 
     dtype = torch.float32 if noise is None else noise.dtype

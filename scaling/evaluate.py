@@ -43,6 +43,7 @@ from scaling.config import (BACKENDS, DEFAULT_NUM_REF, PRC_NEIGHBOURHOOD, SAMPLE
 from scaling.data import (DATASETS, DataConfig, build_dataset, decode_latents, load_vae, read_latent_meta,
                           strided_subset)
 from scaling.diffusion import Diffusion, sample
+from scaling.models import images_per_forward
 from scaling.rundir import RunDir, append_jsonl, read_jsonl, temp_tag
 
 LABEL_SAMPLING = ("balanced", "uniform")        # class labels of the samples (sample_to_npz)
@@ -221,6 +222,7 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
     num_batches = -(-num_samples // batch_size)
     mine = [b for b in range(rank, num_batches, world) if not (parts / f"batch_{b:06d}.npz").is_file()]
     shape = (plan["in_channels"], plan["input_size"], plan["input_size"])
+    per_forward = images_per_forward(model, device, batch_size)  # for speed on a CPU; the batch's noise is kept
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     bar = tqdm(total=sum(min(batch_size, num_samples - b * batch_size) for b in mine), unit="img",
@@ -232,7 +234,8 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 x = sample(model, diffusion, y, (len(y), *shape), sampler=sampler, num_steps=sampling_steps,
                            cfg_scale=cfg_scale, guide_channels=guide_channels, generator=g,
-                           clip_denoised=plan.get("pixel_space", True))       # (B, C, h, w) model space
+                           clip_denoised=plan.get("pixel_space", True),
+                           forward_batch=per_forward)                          # (B, C, h, w) model space
             if not plan.get("pixel_space", True):
                 x = decode_latents(vae, x, latent_scale)                        # (B, 3, H, W) in [-1, 1]
             images = to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()             # (B, H, W, 3) uint8

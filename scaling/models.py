@@ -421,6 +421,36 @@ FAMILY_MODELS: dict[str, tuple[str, ...]] = {
 }
 
 
+# Tokens per forward pass when a CPU evaluates a model without gradients (sampling, the held-out loss): a batch
+# of 250 laptop-XL/2 images (16,000 tokens) ran at 90-113 img/s on a core of the 2-core VM with the other core
+# busy, in chunks of 32 images (2,048 tokens) at 120-132 img/s, as the activations then stay in cache
+# (benchmarks/eval_cpu.py). Chunks change no image drawn, but a matrix multiply may round a row differently
+# with the number of rows: the outputs then differ at float rounding (max |difference| ~1e-6, laptop-L's; 0 for
+# the other laptop widths on this CPU). Forwards of fewer than MIN_FORWARD_IMAGES are slow.
+CPU_FORWARD_TOKENS = 2048
+MIN_FORWARD_IMAGES = 8
+
+
+def images_per_forward(model: nn.Module, device, limit: int) -> int:
+    """How many images one no-grad forward of `model` should take on `device`: `limit` on accelerators; on a
+    CPU, CPU_FORWARD_TOKENS worth of tokens, at least MIN_FORWARD_IMAGES and at most `limit`."""
+    if torch.device(device).type != "cpu":
+        return limit
+    tokens = model.grid_size ** 2 + (2 if model.block == "in_context" else 0)
+    return min(limit, max(MIN_FORWARD_IMAGES, CPU_FORWARD_TOKENS // tokens))
+
+
+def in_chunks(model_fn, images: int):
+    """model_fn(x, t, y) at most `images` images at a time, in chunks of near-equal size (250 in chunks of at most
+    32: eight of 31 or 32, not a last one of 26), the outputs concatenated."""
+    def chunked(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        k = -(-x.shape[0] // images)
+        if k <= 1:
+            return model_fn(x, t, y)
+        return torch.cat([model_fn(*part) for part in zip(*(v.tensor_split(k) for v in (x, t, y)))])
+    return chunked
+
+
 def check_model_args(name: str, patch: int, input_size: int, block: str) -> None:
     """One-line ValueErrors naming the bad value and the allowed values."""
     if name not in MODELS:

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from scaling.data import DataConfig, build_dataset, strided_subset
 from scaling.diffusion import Diffusion, mean_flat
+from scaling.models import images_per_forward
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ValConfig:
     timesteps: int = 8          # the fixed grid linspace(0.02 T, 0.98 T)
     noise_seed: int = 0         # the fixed noise
     raw: bool = False           # also evaluate the raw (non-EMA) weights
-    batch_img: int = 256        # images per forward pass
+    batch_img: int = 256        # images per forward pass at most (on a CPU ~2,048 tokens: images_per_forward)
 
 
 def check_config(cfg: ValConfig, log_every: int, ckpt_every: int = 0) -> None:
@@ -156,9 +157,9 @@ class HeldOut:
     @torch.no_grad()
     def _per_image(self, model, t: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mse, vlb term in bits/dim or None without learned sigma) at timestep t for every held-out image."""
-        mse, vlb, b = [], [], self.cfg.batch_img
-        for lo in range(0, self.x.shape[0], b):
-            x0, y, eps = self.x[lo:lo + b], self.y[lo:lo + b], noise[lo:lo + b]          # (B, C, H, W), (B,), ...
+        mse, vlb = [], []
+        k = -(-self.x.shape[0] // images_per_forward(model, self.x.device, self.cfg.batch_img))  # near-equal chunks
+        for x0, y, eps in zip(self.x.tensor_split(k), self.y.tensor_split(k), noise.tensor_split(k)):  # (B, C, H, W)..
             tt = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
             xt = self.diffusion.q_sample(x0, tt, eps)
             out = model(xt, self.diffusion.model_timesteps(tt), y).float()               # (B, 2C, H, W)

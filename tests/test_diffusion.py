@@ -7,8 +7,10 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from helpers import randomize_
 from scaling.diffusion import (Diffusion, DiffusionConfig, discretized_gaussian_log_likelihood, guided, make_betas,
                                sample, space_timesteps)
+from scaling.models import build_model, in_chunks
 
 LOG2 = math.log(2.0)
 
@@ -398,3 +400,29 @@ def test_samplers_match_diffusers_schedulers(sampler, eta):
         else:
             x = scheduler.step(out[:, :2], int(t), x, eta=eta, generator=g).prev_sample
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_forward_chunks_change_samples_at_float_rounding_only(cfg_scale):
+    # scaling.models.images_per_forward splits a CPU sampling batch into forwards of ~2,048 tokens: the noise and
+    # labels must stay the whole batch's (the same images); only the matmuls' rounding may differ.
+    model = randomize_(build_model("laptop_l", 2, input_size=16, in_channels=1, num_classes=10), std=0.05).eval()
+    y, shape = torch.arange(20) % 10, (20, 1, 16, 16)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    kw = dict(sampler="ddim", num_steps=5, cfg_scale=cfg_scale, clip_denoised=True)  # as pixel-space sampling
+    whole = sample(model, base(), y, shape, generator=g(), **kw)
+    for forward_batch in (8, 12):  # chunks of 6-7 and 10 (halved with guidance)
+        chunked = sample(model, base(), y, shape, generator=g(), forward_batch=forward_batch, **kw)
+        assert torch.allclose(chunked, whole, rtol=0, atol=1e-4), (forward_batch, (chunked - whole).abs().max())
+    other = sample(model, base(), y.roll(1), shape, generator=g(), forward_batch=8, **kw)
+    assert (other - whole).abs().max() > 1e-2  # the tolerance is far below what other labels change
+
+
+def test_in_chunks_splits_evenly():
+    sizes = []
+    fn = in_chunks(lambda x, t, y: (sizes.append(len(x)), x * 2)[1], 32)
+    x = torch.arange(250.0)
+    assert torch.equal(fn(x, x, x), x * 2) and sizes == [32, 32] + [31] * 6
+    sizes.clear()
+    fn(x[:32], x[:32], x[:32])
+    assert sizes == [32]

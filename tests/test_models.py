@@ -8,7 +8,7 @@ import torch
 
 from helpers import randomize_
 from scaling.models import (BLOCKS, FAMILY_MODELS, MODELS, Attention, CrossAttention, DiT, LabelEmbedder, ModelConfig,
-                            PatchEmbed, TimestepEmbedder, build_model, sincos_pos_embed_2d)
+                            PatchEmbed, TimestepEmbedder, build_model, images_per_forward, sincos_pos_embed_2d)
 
 PAPER = ("dit_s", "dit_b", "dit_l", "dit_xl")
 LAPTOP = ("laptop_s", "laptop_b", "laptop_l", "laptop_xl")
@@ -355,3 +355,15 @@ def test_model_drops_labels_only_in_training_mode():
         assert torch.allclose(out_train, expected, atol=1e-6)
         assert not torch.allclose(model(x, t, y), expected, atol=1e-6)             # eval: labels kept as given
         assert torch.equal(model(x, t, y), model(x, t, y))
+
+
+def test_images_per_forward_takes_2048_tokens_on_a_cpu_and_the_whole_batch_elsewhere():
+    xl2 = build_model("laptop_xl", 2, input_size=16, in_channels=1, num_classes=10)     # 64 tokens an image
+    s8 = build_model("laptop_s", 8, input_size=16, in_channels=1, num_classes=10)      # 4 tokens
+    ctx = build_model("laptop_s", 4, input_size=16, in_channels=1, num_classes=10, block="in_context")  # 16 + 2
+    assert images_per_forward(xl2, "cpu", 250) == 32
+    assert images_per_forward(s8, "cpu", 250) == 250 and images_per_forward(s8, "cpu", 1000) == 512
+    assert images_per_forward(ctx, torch.device("cpu"), 250) == 113
+    assert images_per_forward(xl2, "cuda", 250) == 250  # an accelerator takes the batch (no CUDA needed to ask)
+    huge = build_model("laptop_s", 1, input_size=64, in_channels=1, num_classes=10)     # 4,096 tokens
+    assert images_per_forward(huge, "cpu", 250) == 8 and images_per_forward(huge, "cpu", 5) == 5  # 8 at least

@@ -92,7 +92,7 @@ def _heldout(pixel_space=True, channels=1, **cfg):
     torch.manual_seed(0)
     x = torch.rand(20, channels, 8, 8) * 2 - 1
     dataset = list(zip(x, [i % 10 for i in range(20)]))
-    return HeldOut(dataset, np.arange(20), ValConfig(batch_img=7, **cfg), Diffusion(DiffusionConfig()),
+    return HeldOut(dataset, np.arange(20), ValConfig(**{"batch_img": 7, **cfg}), Diffusion(DiffusionConfig()),
                    pixel_space, "cpu", steps=10)
 
 
@@ -115,6 +115,18 @@ def test_loss_is_deterministic_and_leaves_the_training_stream_alone():
                                                       ("t000_249", "t250_499", "t500_749", "t750_999")]))
     other = _heldout(noise_seed=1).losses(model)
     assert other["val_mse_ema"] != a["val_mse_ema"]  # the noise is part of the definition
+
+
+def test_loss_does_not_depend_on_the_images_per_forward(monkeypatch):
+    # On a CPU the held-out images go through the model ~2,048 tokens at a time (scaling.models.images_per_forward):
+    # the loss must be that of one forward per timestep up to float rounding.
+    model = _model()
+    whole = _heldout(batch_img=20).losses(model)
+    monkeypatch.setattr("scaling.models.CPU_FORWARD_TOKENS", 4 * 8)  # 8 images of 4 tokens (8x8 at patch 4)
+    assert valloss.images_per_forward(model, "cpu", 20) == 8  # chunks of 7, 7, 6
+    chunked = _heldout(batch_img=20).losses(model)
+    assert chunked.keys() == whole.keys()
+    assert all(chunked[k] == pytest.approx(whole[k], rel=1e-5) for k in whole), (chunked, whole)
 
 
 def test_latents_report_nats_per_dim_and_raw_weights_on_request():
