@@ -261,14 +261,25 @@ def loss_at_budget(df: pd.DataFrame, budget: float, loss_col: str, compute_col: 
     whose last point falls short of the budget by less than `rtol` counts as reaching it, at its last value: a run
     trained to a budget (train.budget_flops) stops at the nearest whole step of the closed-form Gflops (within 0.5%
     of fvcore's), e.g. laptop-B/4 at 9.95e10 FLOPs for 1e11; half a step of a 20-step run is 2.5%."""
-    rows = []
+    return _at_budget(_curves(df, loss_col, compute_col, size_col, group_col), budget, loss_col, size_col,
+                      group_col, rtol)
+
+
+def _curves(df, loss_col, compute_col, size_col, group_col) -> list[tuple]:
+    """(run, size, compute, log compute, log loss) of each run, its points in order of compute: the part of
+    loss_at_budget that does not depend on the budget (a bootstrap reads 5 budgets off each resample)."""
+    curves = []
     for run, g in df.groupby(group_col, sort=True):
         c, y = g[compute_col].to_numpy(float), g[loss_col].to_numpy(float)
         order = np.argsort(c)
         c, y = c[order], y[order]
-        if c.size >= 2 and c[0] <= budget <= c[-1] * (1 + rtol):
-            rows.append({group_col: run, size_col: float(g[size_col].iloc[0]),
-                         loss_col: float(np.exp(np.interp(np.log(budget), np.log(c), np.log(y))))})
+        curves.append((run, float(g[size_col].iloc[0]), c, np.log(c), np.log(y)))
+    return curves
+
+
+def _at_budget(curves, budget, loss_col, size_col, group_col, rtol: float = 0.03) -> pd.DataFrame:
+    rows = [{group_col: run, size_col: size, loss_col: float(np.exp(np.interp(np.log(budget), log_c, log_y)))}
+            for run, size, c, log_c, log_y in curves if c.size >= 2 and c[0] <= budget <= c[-1] * (1 + rtol)]
     return pd.DataFrame(rows, columns=[group_col, size_col, loss_col])
 
 
@@ -325,8 +336,9 @@ class IsoFlop:
 
 def _optima(d, budgets, loss_col, compute_col, size_col, group_col) -> tuple[pd.DataFrame, pd.DataFrame]:
     profiles, optima = [], []
+    curves = _curves(d, loss_col, compute_col, size_col, group_col)
     for b in budgets:
-        p = loss_at_budget(d, b, loss_col, compute_col, size_col, group_col)
+        p = _at_budget(curves, b, loss_col, size_col, group_col)
         p.insert(0, "budget", b)
         profiles.append(p)
         if p[size_col].nunique() < 3:

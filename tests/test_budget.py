@@ -58,10 +58,28 @@ def test_the_analysis_reads_the_profiles_at_every_budget_swept_into_the_root(mon
             [f"train.budget_flops={b}", f"output_root={root}"]))} for i, b in enumerate(budgets)]
         write_json(root / "launches" / f"t{n}" / "launch.json", {"argv": [], "points": points})
     assert swept_budgets(root) == [1e11, 3e11, 3.3333333e11]
-    calls = []
-    monkeypatch.setattr(jobs.subprocess, "call", lambda argv: calls.append(argv) or 0)
+    calls, waited, exit_codes = [], [], {}
+
+    class Proc:  # subprocess.Popen, recorded
+        def __init__(self, argv):
+            calls.append(argv)
+            self.module = argv[2]
+
+        def wait(self):
+            waited.append(self.module)
+            return exit_codes.get(self.module, 0)
+
+    monkeypatch.setattr(jobs.subprocess, "Popen", Proc)
     assert jobs.analyze(str(root), [1e12, 0.0])  # a single run's own budget joins them
     assert [c[2] for c in calls] == ["scaling.results", "analysis.figures", "analysis.law_figures"]
     assert calls[-1][-2:] == ["--budgets", "100000000000.0,300000000000.0,333333330000.0,1000000000000.0"]
     calls.clear()
     assert jobs.analyze(str(tmp_path / "plain")) and "--budgets" not in calls[-1]
+    # figures and laws run at once; one failing fails the analysis, and the other is still waited for
+    calls.clear(), waited.clear()
+    exit_codes["analysis.figures"] = 1
+    assert not jobs.analyze(str(root))
+    assert waited == ["scaling.results", "analysis.figures", "analysis.law_figures"]
+    exit_codes["scaling.results"] = 2  # a table that failed: nothing is drawn from it
+    calls.clear()
+    assert not jobs.analyze(str(root)) and [c[2] for c in calls] == ["scaling.results"]
