@@ -72,9 +72,13 @@ def file_sha256(path) -> str:
 
 
 def _atomic_save(obj, path: Path) -> None:
+    """torch.save to `path` through a temporary file and a rename. Saved through a file object, whose archive is
+    always named "archive": torch.save to a path names it after the file, here the temporary one (with the pid),
+    so the same weights saved twice had different bytes and a different weights_sha (and cache keys)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
     os.replace(tmp, path)
 
 

@@ -13,8 +13,8 @@ from torch_fidelity.utils import create_feature_extractor
 from scaling.data import DataConfig, load_animal_mnist
 from scaling.evaluate import UInt8Images, compute_metrics, frechet_distance, reference_key
 from scaling.features import (INCEPTION_FILE, DomainExtractor, InceptionOfflineExtractor, MissingWeights,
-                              build_extractor, dataset_fingerprint, fid_helper_torchscript, from_uint8, main,
-                              offline_inception_weights, to_uint8)
+                              _atomic_save, build_extractor, dataset_fingerprint, fid_helper_torchscript, file_sha256,
+                              from_uint8, main, offline_inception_weights, to_uint8)
 
 SIZE = 16  # the domain classifier of the tests: animal_mnist at 16 px (trains in ~15 s on one thread)
 
@@ -107,6 +107,17 @@ def test_domain_classifier_trains_once_and_reports_accuracy(domain, cache_dir):
     mtime = os.stat(domain.weights_path).st_mtime_ns
     again = build_extractor("domain", DataConfig(image_size=SIZE), progress=False)
     assert again.weights_path == domain.weights_path and os.stat(domain.weights_path).st_mtime_ns == mtime
+
+
+def test_the_same_weights_saved_twice_have_the_same_bytes(tmp_path):
+    # The weights file's sha names the feature space in every eval row and cache key: two fresh machines training
+    # the same classifier (the same tensors) must agree on it, whatever file names or processes saved them.
+    weights = {"w": torch.arange(6.0).view(2, 3), "b": torch.zeros(3)}
+    a, b = tmp_path / "one" / "domain.pt", tmp_path / "two" / "other-name.pt"
+    _atomic_save(weights, a)
+    _atomic_save({k: v.clone() for k, v in weights.items()}, b)
+    assert a.read_bytes() == b.read_bytes() and file_sha256(a) == file_sha256(b)
+    assert torch.equal(torch.load(b, weights_only=True)["w"], weights["w"])
 
 
 def test_domain_cli_reports_the_cached_classifier(domain, capsys):
