@@ -104,29 +104,21 @@ def extract_features(images: np.ndarray, space, *, cuda: bool, batch_size: int =
 
 def reference_features(ref: AdmReference, space, *, cuda: bool, progress: bool = True) -> torch.Tensor:
     """FD-layer features of arr_0, cached under cache_dir()/adm by (reference file, weights) hashes."""
-    from scaling.features import _atomic_save, cache_dir
+    from scaling.features import cache_dir, cached_tensor
 
     path = cache_dir() / "adm" / f"{Path(ref.path).stem}-{ref.sha256[:12]}-{space.backend}-w{space.weights_sha[:12]}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    features = extract_features(ref.images, space, cuda=cuda, progress=progress)[space.fd_layer]
-    _atomic_save(features, path)
-    return features
+    return cached_tensor(path, lambda: extract_features(ref.images, space, cuda=cuda, progress=progress)[space.fd_layer])
 
 
 def reference_radii(ref: AdmReference, space, *, cuda: bool, progress: bool = True) -> torch.Tensor:
     """k-NN radii of the FD-layer features of arr_0 (precision/recall's balls), cached beside the features: at
     50,000 images a 50,000 x 50,000 distance matrix, a minute of CPU per evaluation when not cached."""
     from scaling.evaluate import PRC_NEIGHBOURHOOD, knn_radii
-    from scaling.features import _atomic_save, cache_dir
+    from scaling.features import cache_dir, cached_tensor
 
     path = (cache_dir() / "adm" / f"{Path(ref.path).stem}-{ref.sha256[:12]}-{space.backend}-w{space.weights_sha[:12]}"
                                   f"-prc-radii-k{PRC_NEIGHBOURHOOD}.pt")
-    if path.is_file():
-        return torch.load(path, weights_only=True)
-    radii = knn_radii(reference_features(ref, space, cuda=cuda, progress=progress))
-    _atomic_save(radii, path)
-    return radii
+    return cached_tensor(path, lambda: knn_radii(reference_features(ref, space, cuda=cuda, progress=progress)))
 
 
 def fd_to_statistics(features: torch.Tensor, mu: np.ndarray, sigma: np.ndarray) -> float:

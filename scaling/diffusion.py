@@ -276,8 +276,9 @@ def sample(model, diffusion: Diffusion, y: torch.Tensor, shape: tuple, *, sample
     """Draw x_0 of `shape` (model space) for labels y by DDPM ancestral sampling or DDIM over `num_steps` steps.
 
     All randomness comes from `generator` (on y's device). `noise` overrides the initial x_T. clip_denoised clips
-    the predicted x_0 to [-1, 1] (pixel data; latents use False as DiT). forward_batch: images per model forward
-    (None: the whole batch; with guidance each counts twice), for speed: the noise stays the whole batch's
+    the predicted x_0 to [-1, 1] (pixel data; latents use False as DiT). forward_batch: the most images a model
+    forward takes (None: the whole batch in one; guidance doubles each batch, so it then splits the batch into
+    parts of forward_batch // 2), for speed only: the noise stays the whole batch's
     (scaling.models.images_per_forward). Putting the model in eval mode is the caller's job.
     """
     if sampler not in SAMPLERS:

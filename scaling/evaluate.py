@@ -48,7 +48,6 @@ from scaling.rundir import RunDir, append_jsonl, read_jsonl, temp_tag
 
 LABEL_SAMPLING = ("balanced", "uniform")        # class labels of the samples (sample_to_npz)
 SAMPLING_PRECISIONS = ("fp32", "tf32", "bf16")  # the model forward while sampling (sample_to_npz)
-PRC_BATCH = 10_000  # torch-fidelity's prc_batch_size: rows of each distance block in precision/recall
 SAMPLING_DEFAULTS = {"labels": "balanced", "precision": "fp32"}
 
 
@@ -222,7 +221,8 @@ def sample_to_npz(model, diffusion_cfg, plan: dict, num_samples: int, *, sampler
     num_batches = -(-num_samples // batch_size)
     mine = [b for b in range(rank, num_batches, world) if not (parts / f"batch_{b:06d}.npz").is_file()]
     shape = (plan["in_channels"], plan["input_size"], plan["input_size"])
-    per_forward = images_per_forward(model, device, batch_size)  # for speed on a CPU; the batch's noise is kept
+    # model images per forward (guidance doubles each batch): fewer on a CPU for speed, the batch's noise kept
+    per_forward = images_per_forward(model, device, batch_size * (2 if cfg_scale > 1.0 else 1))
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     bar = tqdm(total=sum(min(batch_size, num_samples - b * batch_size) for b in mine), unit="img",
@@ -349,7 +349,7 @@ def compute_metrics(samples: Dataset, reference: Dataset, space, *, reference_ke
     k-NN radii are cached under cache_dir()/fidelity, so the reference is read and its radii (a 10,000 x 10,000
     distance matrix: 2.5 s of the 2.6 s precision/recall takes on a CPU core) computed once. The steps are
     torch-fidelity's calculate_metrics for one feature extractor, each through the same torch-fidelity function,
-    so every number is the one calculate_metrics gives to the bit (tests/test_evaluate.py). IS is None where the
+    so every number is the one calculate_metrics gives to the bit (tests/test_features.py). IS is None where the
     feature space has no class logits. Returns {fd, is, is_std, precision, recall, f_score, kid, kid_std}.
     """
     from torch_fidelity.metric_fid import fid_featuresdict_to_statistics_cached, fid_statistics_to_metric
@@ -358,7 +358,7 @@ def compute_metrics(samples: Dataset, reference: Dataset, space, *, reference_ke
     from torch_fidelity.utils import (create_feature_extractor, extract_featuresdict_from_input_id_cached,
                                       get_cacheable_input_name)
 
-    from scaling.features import _atomic_save, cache_dir, register_extractors
+    from scaling.features import cache_dir, cached_tensor, register_extractors
 
     register_extractors()
     n1, n2 = len(samples), len(reference)
@@ -390,16 +390,11 @@ def compute_metrics(samples: Dataset, reference: Dataset, space, *, reference_ke
             out.update({"kid": r["kernel_inception_distance_mean"], "kid_std": r["kernel_inception_distance_std"]})
     if prc:
         f1, f2 = fake[space.fd_layer], real[space.fd_layer]
-        radii = None
-        if reference_key is not None:
-            path = cache / f"{reference_key}-{space.extractor}-{space.fd_layer}-prc-radii-k{PRC_NEIGHBOURHOOD}.pt"
-            if path.is_file():
-                radii = torch.load(path, weights_only=True)
-            else:
-                radii = knn_radii(f2)
-                _atomic_save(radii, path)
+        radii = None if reference_key is None else cached_tensor(
+            cache / f"{reference_key}-{space.extractor}-{space.fd_layer}-prc-radii-k{PRC_NEIGHBOURHOOD}.pt",
+            lambda: knn_radii(f2))
         p, r = precision_recall(f1, f2, real_radii=radii)
-        out.update({"precision": p, "recall": r, "f_score": 2 * p * r / max(1e-5, p + r)})
+        out.update({"precision": p, "recall": r, "f_score": 2 * p * r / max(1e-5, p + r)})  # torch-fidelity's
     return out
 
 
@@ -415,10 +410,11 @@ def frechet_distance(features_1: torch.Tensor, features_2: torch.Tensor) -> floa
 def knn_radii(features: torch.Tensor, k: int = PRC_NEIGHBOURHOOD) -> torch.Tensor:
     """(N,) distance of each feature to its k-th nearest neighbour in the set (itself excluded), in torch-fidelity's
     batches and arithmetic (calc_cdist_part, kthvalue(k + 1)): the radius of its ball in precision/recall."""
+    from torch_fidelity.defaults import DEFAULTS
     from torch_fidelity.metric_prc import calc_cdist_part
 
-    return torch.cat([calc_cdist_part(b, features, PRC_BATCH).kthvalue(k + 1).values
-                      for b in features.split(PRC_BATCH)])
+    batch = DEFAULTS["prc_batch_size"]
+    return torch.cat([calc_cdist_part(b, features, batch).kthvalue(k + 1).values for b in features.split(batch)])
 
 
 def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = PRC_NEIGHBOURHOOD, *,
@@ -427,14 +423,16 @@ def precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int = PRC_NEIGHB
     feature's k-NN ball; recall = share of real inside some fake's ball. torch-fidelity's computation
     (calculate_precision_recall_part, the same numbers to the bit), with the real set's radii given when known
     (`knn_radii(real, k)`: they depend on the reference alone, and are most of the cost)."""
+    from torch_fidelity.defaults import DEFAULTS
     from torch_fidelity.metric_prc import calc_cdist_part
 
+    batch = DEFAULTS["prc_batch_size"]
     real_radii = knn_radii(real, k) if real_radii is None else real_radii
     fake_radii = knn_radii(fake, k)
-    recall = torch.cat([(calc_cdist_part(b, fake, PRC_BATCH) <= fake_radii).any(dim=1).float()
-                        for b in real.split(PRC_BATCH)]).mean().item()
-    precision = torch.cat([(calc_cdist_part(b, real, PRC_BATCH) <= real_radii).any(dim=1).float()
-                           for b in fake.split(PRC_BATCH)]).mean().item()
+    recall = torch.cat([(calc_cdist_part(b, fake, batch) <= fake_radii).any(dim=1).float()
+                        for b in real.split(batch)]).mean().item()
+    precision = torch.cat([(calc_cdist_part(b, real, batch) <= real_radii).any(dim=1).float()
+                           for b in fake.split(batch)]).mean().item()
     return precision, recall
 
 

@@ -82,6 +82,15 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def cached_tensor(path: Path, compute) -> torch.Tensor:
+    """The tensor saved at `path`, or compute() saved there first (atomically): reference features and radii."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    value = compute()
+    _atomic_save(value, path)
+    return value
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Images (N, C, H, W) in [-1, 1] -> uint8 (N, 3, H, W); one channel is repeated to three.
 

@@ -432,10 +432,12 @@ MIN_FORWARD_IMAGES = 8
 
 
 def images_per_forward(model: nn.Module, device, limit: int) -> int:
-    """How many images one no-grad forward of `model` should take on `device`: `limit` on accelerators; on a
-    CPU, CPU_FORWARD_TOKENS worth of tokens, at least MIN_FORWARD_IMAGES and at most `limit`."""
+    """How many images one no-grad forward of `model` should take on `device`: `limit` (the batch: one forward)
+    on accelerators; on a CPU, CPU_FORWARD_TOKENS worth of tokens, at least MIN_FORWARD_IMAGES and at most
+    `limit`."""
     if torch.device(device).type != "cpu":
         return limit
+    model = getattr(model, "module", model)  # a DistributedDataParallel wrapper's model
     tokens = model.grid_size ** 2 + (2 if model.block == "in_context" else 0)
     return min(limit, max(MIN_FORWARD_IMAGES, CPU_FORWARD_TOKENS // tokens))
 

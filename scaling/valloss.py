@@ -157,9 +157,12 @@ class HeldOut:
     @torch.no_grad()
     def _per_image(self, model, t: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mse, vlb term in bits/dim or None without learned sigma) at timestep t for every held-out image."""
-        mse, vlb = [], []
-        k = -(-self.x.shape[0] // images_per_forward(model, self.x.device, self.cfg.batch_img))  # near-equal chunks
-        for x0, y, eps in zip(self.x.tensor_split(k), self.y.tensor_split(k), noise.tensor_split(k)):  # (B, C, H, W)..
+        mse, vlb, n = [], [], self.x.shape[0]
+        b = images_per_forward(model, self.x.device, self.cfg.batch_img)
+        # a CPU's forwards of ~2,048 tokens in near-equal parts, else slices of val.batch_img
+        parts = torch.arange(n).tensor_split(-(-n // b)) if b < self.cfg.batch_img else torch.arange(n).split(b)
+        for idx in parts:
+            x0, y, eps = self.x[idx], self.y[idx], noise[idx]                            # (B, C, H, W), (B,), ...
             tt = torch.full((x0.shape[0],), int(t), dtype=torch.long, device=x0.device)
             xt = self.diffusion.q_sample(x0, tt, eps)
             out = model(xt, self.diffusion.model_timesteps(tt), y).float()               # (B, 2C, H, W)

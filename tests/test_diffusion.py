@@ -406,15 +406,26 @@ def test_samplers_match_diffusers_schedulers(sampler, eta):
 def test_forward_chunks_change_samples_at_float_rounding_only(cfg_scale):
     # scaling.models.images_per_forward splits a CPU sampling batch into forwards of ~2,048 tokens: the noise and
     # labels must stay the whole batch's (the same images); only the matmuls' rounding may differ.
-    model = randomize_(build_model("laptop_l", 2, input_size=16, in_channels=1, num_classes=10), std=0.05).eval()
+    net = randomize_(build_model("laptop_l", 2, input_size=16, in_channels=1, num_classes=10), std=0.05).eval()
+    sizes = []
+
+    def model(x, t, y):
+        sizes.append(x.shape[0])
+        return net(x, t, y)
+
+    model.num_classes = net.num_classes
     y, shape = torch.arange(20) % 10, (20, 1, 16, 16)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     kw = dict(sampler="ddim", num_steps=5, cfg_scale=cfg_scale, clip_denoised=True)  # as pixel-space sampling
     whole = sample(model, base(), y, shape, generator=g(), **kw)
-    for forward_batch in (8, 12):  # chunks of 6-7 and 10 (halved with guidance)
+    guided_ = cfg_scale > 1
+    assert sizes == [40 if guided_ else 20] * 5
+    for forward_batch, parts in ((8, [8] * 5 if guided_ else [7, 7, 6]), (12, [10] * 4 if guided_ else [10, 10])):
+        sizes.clear()
         chunked = sample(model, base(), y, shape, generator=g(), forward_batch=forward_batch, **kw)
+        assert sizes == parts * 5, (forward_batch, sizes[:5])
         assert torch.allclose(chunked, whole, rtol=0, atol=1e-4), (forward_batch, (chunked - whole).abs().max())
-    other = sample(model, base(), y.roll(1), shape, generator=g(), forward_batch=8, **kw)
+    other = sample(net, base(), y.roll(1), shape, generator=g(), forward_batch=8, **kw)
     assert (other - whole).abs().max() > 1e-2  # the tolerance is far below what other labels change
 
 

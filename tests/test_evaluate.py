@@ -44,6 +44,7 @@ class CountingModel(torch.nn.Module):
 
     def forward(self, x, t, y):
         self.calls += 1
+        self.sizes = getattr(self, "sizes", []) + [x.shape[0]]
         return self.model(x, t, y)
 
 
@@ -171,6 +172,21 @@ def test_sampling_resumes_from_shards_and_gives_the_same_array(tmp_path):
     assert resumed.calls == 1 * 2
     with np.load(tmp_path / "b.npz") as f:
         assert np.array_equal(f["arr_0"], a_images) and np.array_equal(f["arr_1"], a_labels)
+
+
+@pytest.mark.parametrize("patch, cfg_scale, sizes", [
+    (8, 1.0, [12]),       # 4 tokens an image: the batch of 12 in one forward
+    (8, 1.5, [24]),       # guided: [x; x] of the whole batch in one forward, not split in two
+    (2, 1.0, [6, 6]),     # 64 tokens: 8 images at most (the minimum; 6 by tokens), in two near-equal parts
+    (2, 1.5, [8, 8, 8]),  # guided: 8 model images a forward, 4 of the batch doubled
+])
+def test_sampling_forwards_take_the_cpu_token_budget(tmp_path, monkeypatch, patch, cfg_scale, sizes):
+    monkeypatch.setattr("scaling.models.CPU_FORWARD_TOKENS", 64 * 6)
+    torch.manual_seed(0)
+    model = CountingModel(build_model("laptop_s", patch, input_size=SIZE, in_channels=1, num_classes=10).eval())
+    sample_to_npz(model, DiffusionConfig(), PLAN, 12, sampler="ddim", sampling_steps=2, cfg_scale=cfg_scale,
+                  batch_size=12, device="cpu", progress=False, out_path=tmp_path / "s.npz")
+    assert model.sizes == sizes * 2  # two steps
 
 
 def test_sharding_over_ranks_gives_the_same_array(tmp_path, monkeypatch):

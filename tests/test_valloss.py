@@ -118,13 +118,19 @@ def test_loss_is_deterministic_and_leaves_the_training_stream_alone():
 
 
 def test_loss_does_not_depend_on_the_images_per_forward(monkeypatch):
-    # On a CPU the held-out images go through the model ~2,048 tokens at a time (scaling.models.images_per_forward):
-    # the loss must be that of one forward per timestep up to float rounding.
-    model = _model()
+    # On a CPU the held-out images go through the model ~2,048 tokens at a time (scaling.models.images_per_forward),
+    # in near-equal parts; otherwise in slices of val.batch_img, as before. The loss is one forward's up to rounding.
+    model, sizes = _model(), []
+    model.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
     whole = _heldout(batch_img=20).losses(model)
+    assert sizes == [20] * 9  # 8 timesteps and the decoder term
+    sizes.clear()
+    _heldout(batch_img=8).losses(model)
+    assert sizes == [8, 8, 4] * 9  # val.batch_img's slices when the token budget does not bind
     monkeypatch.setattr("scaling.models.CPU_FORWARD_TOKENS", 4 * 8)  # 8 images of 4 tokens (8x8 at patch 4)
-    assert valloss.images_per_forward(model, "cpu", 20) == 8  # chunks of 7, 7, 6
+    sizes.clear()
     chunked = _heldout(batch_img=20).losses(model)
+    assert sizes == [7, 7, 6] * 9
     assert chunked.keys() == whole.keys()
     assert all(chunked[k] == pytest.approx(whole[k], rel=1e-5) for k in whole), (chunked, whole)
 
