@@ -422,7 +422,7 @@ FAMILY_MODELS: dict[str, tuple[str, ...]] = {
 
 
 # Tokens per forward pass when a CPU evaluates a model without gradients (sampling, the held-out loss): a batch
-# of 250 laptop-XL/2 images (16,000 tokens) ran at 90-113 img/s on a core of the 2-core VM with the other core
+# of 250 laptop-XL/2 images (16,000 tokens) ran at 90-120 img/s on a core of the 2-core VM with the other core
 # busy, in chunks of 32 images (2,048 tokens) at 120-132 img/s, as the activations then stay in cache
 # (benchmarks/eval_cpu.py). Chunks change no image drawn, but a matrix multiply may round a row differently
 # with the number of rows: the outputs then differ at float rounding (max |difference| ~1e-6, laptop-L's; 0 for
