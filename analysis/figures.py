@@ -183,14 +183,23 @@ def draw_seed_band(ax, g: pd.DataFrame, x_col: str, y_col: str, color, rows: lis
     spread = seed_range(g, y_col)
     if not spread:
         return
-    first = not any(_is_seed_range(c) for c in ax.collections)
+    bands = [c for c in ax.collections if _is_seed_range(c)]
     run = g["run_id"].iloc[0]
-    ax.fill_between(g[x_col], g[f"{y_col}_seed_min"], g[f"{y_col}_seed_max"], color=color, alpha=0.18, lw=0,
-                    gid=f"{run}_seeds", label=f"range over {spread['n_seeds']} seeds" if first else None)
+    band = ax.fill_between(g[x_col], g[f"{y_col}_seed_min"], g[f"{y_col}_seed_max"], color=color, alpha=0.18,
+                           lw=0, gid=f"{run}_seeds")
+    band.n_seeds = spread["n_seeds"]
+    first = bands[0] if bands else band  # the one named in the legend, for every band's count of seeds
+    first.set_label(f"range over {seeds_phrase([b.n_seeds for b in bands + [band]])}")
     if rows is not None:
         rows += [{"kind": "seed_range", "label": _label_of(g), "run_id": run, x_col: x, f"{y_col}_seed_min": lo,
                   f"{y_col}_seed_max": hi, **spread}
                  for x, lo, hi in zip(g[x_col], g[f"{y_col}_seed_min"], g[f"{y_col}_seed_max"])]
+
+
+def seeds_phrase(counts) -> str:
+    """'3 seeds', or '2-3 seeds' where the grid points of a figure have different numbers of seeds."""
+    lo, hi = int(min(counts)), int(max(counts))
+    return f"{hi} seeds" if lo == hi else f"{lo}-{hi} seeds"
 
 
 def _is_seed_range(artist) -> bool:
@@ -326,7 +335,7 @@ def fig8_gflops(df: pd.DataFrame, out_dir, step: int | None = None, overlay_pape
     # through ax.add_artist is clipped to the axes by matplotlib >= 3.10: outside them it was never drawn.)
     fig.legend(handles=models, loc="outside right center", fontsize=8, frameon=False)
     if seeds:
-        seeds[0].set_label(f"mean and range over {int(d['n_seeds'].max())} seeds")
+        seeds[0].set_label(f"mean and range over {seeds_phrase(d.loc[d['n_seeds'] > 1, 'n_seeds'])}")
     ax.legend(handles=[h for h in ax.get_legend_handles_labels()[0] if h not in models], loc="lower left",
               fontsize=7.5, frameon=True, framealpha=0.9)
     return save(FigureOutput(name, fig, pd.DataFrame(rows), fits=fits), out_dir)

@@ -260,3 +260,12 @@ def test_seeds_of_a_grid_point_are_drawn_as_their_mean_and_range(tmp_path):
     assert len(band) == 1 and "range over 3 seeds" in drawn_legend_texts(f6.fig)
     ys = band[0].get_paths()[0].vertices[:, 1]
     assert ys.min() == pytest.approx(0.7 * 3000.0 / 20) and ys.max() == pytest.approx(1.2 * 3000.0 / 10)
+
+    # A second grid point with 2 seeds: the legend says how many seeds the ranges have, not the largest count
+    make_fake_run(tmp_path, "laptop_b", 4, seed=1, gflops_per_img=0.01,
+                  evals=[{"step": s, "fd": 0.9 * 2000.0 / 2 / s ** 0.5} for s in (100, 400)])
+    merged = seed_means(collect([tmp_path]))
+    f6, f8 = fig6_steps(merged, tmp_path / "two"), fig8_gflops(merged, tmp_path / "two", n_boot=20)
+    assert "mean and range over 2-3 seeds" in drawn_legend_texts(f8.fig)
+    texts = drawn_legend_texts(f6.fig)
+    assert "range over 2-3 seeds" in texts and sum(t.startswith("range over") for t in texts) == 1
