@@ -108,7 +108,8 @@ def compute_envelope(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, n_boot
 
 def isoflop_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=None, n_boot: int = 200,
                    seed: int = 0, name: str = "isoflop_profiles") -> FigureOutput:
-    """Per budget: loss vs model size (each run read at the budget), the fitted parabola and its minimum."""
+    """Per budget: loss vs model size (each run read at the budget), the parabola fitted around the best size
+    (analysis.laws.parabola_optimum) over the sizes it was fitted to, and its minimum."""
     d = _loss_rows(df, loss_col)
     try:
         iso = isoflop_profiles(d, loss_col, budgets=budgets, n_boot=n_boot, seed=seed)
@@ -127,7 +128,7 @@ def isoflop_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=
         if o.empty:
             continue
         o = o.iloc[0]
-        xs = np.geomspace(p[iso.size_col].min(), p[iso.size_col].max(), 50)
+        xs = np.geomspace(o["fit_lo"], o["fit_hi"], 50)  # over the sizes it was fitted to
         ys = np.polyval([o["c2"], o["c1"], o["c0"]], np.log(xs))
         ax.plot(xs, ys, color=c, lw=1.0, alpha=0.8, gid=f"parabola_{i}")
         ax.plot([o["n_opt"]], [o["loss_opt"]], marker="*" if o["interior"] else "x", ms=11, color=c, mec="black",
@@ -143,7 +144,7 @@ def isoflop_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=
     _log_axis(ax.yaxis)
     ax.set_xlabel("Model size (Gflops per image)")
     ax.set_ylabel(LOSS_LABEL.get(loss_col, loss_col))
-    ax.set_title("IsoFLOP profiles (parabola in log size per budget)")
+    ax.set_title("IsoFLOP profiles (parabola in log size around each budget's best)")
     _legend_outside(fig)
     return save(FigureOutput(name, fig, pd.DataFrame(rows), fits={"isoflop": iso.to_dict()}), out_dir)
 
@@ -162,9 +163,13 @@ def n_opt_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=No
     o = iso.optima
     inner = o[o["interior"]]
     if not inner.empty:  # a legend entry only for what is drawn
-        ax.errorbar(inner["budget"], inner["n_opt"], yerr=[inner["n_opt"] - inner["n_lo"],
-                                                           inner["n_hi"] - inner["n_opt"]],
-                    fmt="o", color="C0", capsize=3, gid="isoflop_optima", label="isoFLOP optimum (interval over runs)")
+        # the intervals as drawn lines of their own: a percentile interval over resampled runs need not contain
+        # the optimum of all runs (a resample without the best size moves the parabola's window)
+        ax.vlines(inner["budget"], inner["n_lo"], inner["n_hi"], color="C0", lw=1.2, gid="isoflop_intervals")
+        for end in ("n_lo", "n_hi"):
+            ax.plot(inner["budget"], inner[end], ls="none", marker="_", ms=8, color="C0")
+        ax.plot(inner["budget"], inner["n_opt"], ls="none", marker="o", color="C0", gid="isoflop_optima",
+                label=f"isoFLOP optimum ({iso.level:.0%} interval over runs)")
     edge = o[~o["interior"]]
     if not edge.empty:
         ax.plot(edge["budget"], edge["n_opt"], ls="none", marker="x", color="C0", gid="edge_optima",

@@ -36,6 +36,10 @@ from analysis.fits import PowerLawFit, _finite, fit_power_law, resample_groups
 
 FLOPS_PER_GFLOP_IMG = 3e9   # train_flops / (gflops_per_img x img_seen): 1e9 flops per Gflop x 3 passes
 HUBER_DELTA = 1e-3          # Besiroglu et al. 2024 (as Hoffmann et al. 2022)
+PARABOLA_NEIGHBOURS = 2     # an isoFLOP parabola is fitted to the best size and up to 2 sizes each side, as many
+                            # on both: on exact synthetic profiles (tests/test_laws.py) the optima's largest error
+                            # was 1.1% (every size: 4.3%), under 0.5% noise the N_opt exponent's interval is wider
+                            # (0.43 vs 0.29): fewer sizes where the best is near an edge of the sweep
 
 
 def _interval(values, level: float) -> tuple[float, float]:
@@ -283,20 +287,38 @@ def _at_budget(curves, budget, loss_col, size_col, group_col, rtol: float = 0.03
     return pd.DataFrame(rows, columns=[group_col, size_col, loss_col])
 
 
-def parabola_optimum(size, loss) -> tuple[float, bool, np.ndarray]:
-    """(size at the minimum, interior?, coefficients) of loss = c0 + c1 x + c2 x^2 with x = log size.
+def parabola_optimum(size, loss, neighbours: int | None = PARABOLA_NEIGHBOURS) -> tuple[float, bool, np.ndarray,
+                                                                                      tuple[float, float]]:
+    """(size at the minimum, interior?, coefficients, sizes fitted) of loss = c0 + c1 x + c2 x^2, x = log size,
+    fitted to the measured best size and up to `neighbours` sizes on each side of it, as many on both sides (every
+    size: None).
 
-    interior: the sweep spans the optimum (the lowest measured loss is not at the smallest or largest size), the
-    parabola opens upwards and its minimum lies strictly inside the sizes measured; otherwise the size returned
-    is the measured best (the optimum is at or beyond an edge of the sweep)."""
+    A parabola is the minimum's local (second-order) shape: fitted across a wide sweep it follows the far sizes,
+    and an asymmetric profile pulls its vertex off the measured minimum, even outside it (the laptop isoFLOP
+    study at 1e12 FLOPs: XS best, XXS and S worse, yet the parabola over all six sizes, 79x in Gflops, put its
+    minimum below XXS). interior: the sweep spans the optimum (the lowest measured loss is not at the smallest or
+    largest size), the parabola opens upwards and its minimum lies strictly inside the sizes fitted; otherwise the
+    size returned is the measured best (the optimum is at or beyond an edge of the sweep) and the parabola is the
+    one through the 3 sizes nearest it."""
     x, y = np.log(np.asarray(size, dtype=float)), np.asarray(loss, dtype=float)
-    if np.unique(x).size < 3:
-        raise ValueError(f"an isoFLOP parabola needs 3+ sizes at the budget; got {np.unique(x).size}")
-    c2, c1, c0 = np.polyfit(x, y, 2)
-    spans = x.min() < x[np.argmin(y)] < x.max()
-    if spans and c2 > 0 and x.min() < -c1 / (2 * c2) < x.max():
-        return float(np.exp(-c1 / (2 * c2))), True, np.array([c0, c1, c2])
-    return float(np.exp(x[np.argmin(y)])), False, np.array([c0, c1, c2])
+    sizes = np.unique(x)
+    if sizes.size < 3:
+        raise ValueError(f"an isoFLOP parabola needs 3+ sizes at the budget; got {sizes.size}")
+    best = x[np.argmin(y)]
+    if neighbours is not None:
+        if neighbours < 1:
+            raise ValueError(f"neighbours={neighbours!r}; allowed: an integer >= 1, or None for every size")
+        i = int(np.searchsorted(sizes, best))
+        k = min(neighbours, i, sizes.size - 1 - i)  # as many sizes on each side: centred on the best
+        lo = i - k if k else min(max(i - 1, 0), sizes.size - 3)  # at an edge: the 3 nearest sizes (for the plot)
+        sizes = sizes[lo:lo + max(2 * k + 1, 3)]
+    keep = (x >= sizes[0]) & (x <= sizes[-1])
+    c2, c1, c0 = np.polyfit(x[keep], y[keep], 2)
+    window = (float(np.exp(sizes[0])), float(np.exp(sizes[-1])))
+    spans = x.min() < best < x.max()
+    if spans and c2 > 0 and sizes[0] < -c1 / (2 * c2) < sizes[-1]:
+        return float(np.exp(-c1 / (2 * c2))), True, np.array([c0, c1, c2]), window
+    return float(np.exp(best)), False, np.array([c0, c1, c2]), window
 
 
 def default_budgets(df: pd.DataFrame, compute_col: str = "train_flops", group_col: str = "run_id",
@@ -316,13 +338,15 @@ def default_budgets(df: pd.DataFrame, compute_col: str = "train_flops", group_co
 @dataclass
 class IsoFlop:
     profiles: pd.DataFrame        # budget, run_id, size, loss: each run read at each budget
-    optima: pd.DataFrame          # budget, n_opt, interior, n_lo, n_hi (bootstrap), loss_opt, c0, c1, c2
+    optima: pd.DataFrame          # budget, n_opt, interior, n_lo, n_hi (bootstrap), loss_opt, c0, c1, c2, and
+                                  # fit_lo, fit_hi: the sizes the parabola was fitted between
     fit: PowerLawFit | None       # N_opt = A C^-alpha (alpha < 0: N_opt grows with C), on the interior optima
     exponent_ci: tuple            # interval of -alpha (the exponent of N_opt in C)
     level: float
     n_boot: int
     size_col: str = "gflops_per_img"
     samples: pd.DataFrame = field(default=None)  # exponent of each bootstrap resample
+    neighbours: int | None = PARABOLA_NEIGHBOURS  # sizes each side of the best that each parabola was fitted to
 
     @property
     def exponent(self) -> float:
@@ -331,10 +355,11 @@ class IsoFlop:
     def to_dict(self) -> dict:
         return {"optima": self.optima.to_dict("records"), "n_opt_exponent": self.exponent,
                 "n_opt_exponent_ci": list(self.exponent_ci), "level": self.level, "n_boot": self.n_boot,
+                "parabola_neighbours": self.neighbours,
                 "size_col": self.size_col, "fit": self.fit.to_dict() if self.fit else None}
 
 
-def _optima(d, budgets, loss_col, compute_col, size_col, group_col) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _optima(d, budgets, loss_col, compute_col, size_col, group_col, neighbours) -> tuple[pd.DataFrame, pd.DataFrame]:
     profiles, optima = [], []
     curves = _curves(d, loss_col, compute_col, size_col, group_col)
     for b in budgets:
@@ -343,12 +368,12 @@ def _optima(d, budgets, loss_col, compute_col, size_col, group_col) -> tuple[pd.
         profiles.append(p)
         if p[size_col].nunique() < 3:
             continue
-        n_opt, interior, coef = parabola_optimum(p[size_col], p[loss_col])
+        n_opt, interior, coef, (fit_lo, fit_hi) = parabola_optimum(p[size_col], p[loss_col], neighbours)
         loss_opt = float(np.polyval(coef[::-1], np.log(n_opt))) if interior else float(p[loss_col].min())
         optima.append({"budget": b, "n_opt": n_opt, "interior": interior, "loss_opt": loss_opt,
-                       "c0": coef[0], "c1": coef[1], "c2": coef[2]})
+                       "c0": coef[0], "c1": coef[1], "c2": coef[2], "fit_lo": fit_lo, "fit_hi": fit_hi})
     return pd.concat(profiles, ignore_index=True), pd.DataFrame(
-        optima, columns=["budget", "n_opt", "interior", "loss_opt", "c0", "c1", "c2"])
+        optima, columns=["budget", "n_opt", "interior", "loss_opt", "c0", "c1", "c2", "fit_lo", "fit_hi"])
 
 
 def _n_opt_law(optima: pd.DataFrame) -> PowerLawFit:
@@ -358,13 +383,14 @@ def _n_opt_law(optima: pd.DataFrame) -> PowerLawFit:
 
 def isoflop_profiles(df: pd.DataFrame, loss_col: str, budgets=None, compute_col: str = "train_flops",
                      size_col: str = "gflops_per_img", group_col: str = "run_id", n_boot: int = 200,
-                     seed: int = 0, level: float = 0.95) -> IsoFlop:
-    """Approach 2: per budget, loss vs size across runs, its parabola's optimum (with a bootstrap interval over
-    runs), and N_opt(C) = G C^beta fitted to the interior optima (beta with its bootstrap interval)."""
+                     seed: int = 0, level: float = 0.95, neighbours: int | None = PARABOLA_NEIGHBOURS) -> IsoFlop:
+    """Approach 2: per budget, loss vs size across runs, its parabola's optimum (parabola_optimum: fitted to the
+    best size and `neighbours` sizes each side; with a bootstrap interval over runs), and N_opt(C) = G C^beta
+    fitted to the interior optima (beta with its bootstrap interval)."""
     d = _finite(df, compute_col, size_col, loss_col)
     d = d[d[compute_col] > 0]
     budgets = default_budgets(d, compute_col, group_col) if budgets is None else np.asarray(budgets, dtype=float)
-    profiles, optima = _optima(d, budgets, loss_col, compute_col, size_col, group_col)
+    profiles, optima = _optima(d, budgets, loss_col, compute_col, size_col, group_col, neighbours)
     if optima.empty:
         raise ValueError("no budget has 3+ sizes whose curves reach it; no isoFLOP optimum")
     fit = _n_opt_law(optima) if optima["interior"].sum() >= 2 else None
@@ -372,7 +398,7 @@ def isoflop_profiles(df: pd.DataFrame, loss_col: str, budgets=None, compute_col:
     exps = []
     for frame in resample_groups(d, group_col, n_boot, seed):
         try:
-            _, opt = _optima(frame, optima["budget"], loss_col, compute_col, size_col, group_col)
+            _, opt = _optima(frame, optima["budget"], loss_col, compute_col, size_col, group_col, neighbours)
         except ValueError:
             continue
         for b, n in zip(opt["budget"], opt["n_opt"]):
@@ -385,7 +411,7 @@ def isoflop_profiles(df: pd.DataFrame, loss_col: str, budgets=None, compute_col:
     bands = [_interval(per_budget[b], level) for b in optima["budget"]]
     optima["n_lo"], optima["n_hi"] = [lo for lo, _ in bands], [hi for _, hi in bands]
     return IsoFlop(profiles, optima, fit, _interval(exps, level), level, n_boot, size_col,
-                   pd.DataFrame({"exponent": exps}))
+                   pd.DataFrame({"exponent": exps}), neighbours)
 
 
 # ----------------------------------------------------------------------------- FD as a function of loss

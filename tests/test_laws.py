@@ -79,12 +79,33 @@ def test_n_opt_of_the_joint_law_minimises_the_loss_at_fixed_compute():
 
 def test_parabola_optimum_and_edges():
     x = np.geomspace(1, 100, 7)
-    n, interior, _ = parabola_optimum(x, 1 + (np.log(x) - np.log(10)) ** 2)
-    assert interior and n == pytest.approx(10)
-    n, interior, _ = parabola_optimum(x, 1 / x)  # falls all the way: the optimum is beyond the largest size
-    assert not interior and n == pytest.approx(100)
+    n, interior, _, window = parabola_optimum(x, 1 + (np.log(x) - np.log(10)) ** 2)
+    assert interior and n == pytest.approx(10) and window == pytest.approx((x[1], x[5]))  # 2 sizes each side
+    assert parabola_optimum(x, 1 + (np.log(x) - np.log(10)) ** 2, neighbours=None)[3] == pytest.approx((1, 100))
+    n, interior, _, window = parabola_optimum(x, 1 / x)  # falls all the way: the optimum is beyond the largest size
+    assert not interior and n == pytest.approx(100) and window == pytest.approx((x[4], 100))
     with pytest.raises(ValueError, match="3\\+ sizes"):
         parabola_optimum([1, 2, 2], [3, 2, 1])
+    with pytest.raises(ValueError, match="neighbours=0; allowed: an integer >= 1"):
+        parabola_optimum(x, 1 / x, neighbours=0)
+
+
+def test_parabola_is_fitted_around_the_measured_best():
+    """The laptop isoFLOP profile at 1e12 FLOPs (docs/laptop/isoflop/isoflop_profiles.csv): XS is best, XXS and S
+    are worse, but L, 37x larger, is far off the minimum's shape. Fitted to all six sizes, the parabola put its
+    minimum just below XXS, the smallest size (not interior); fitted around XS (one size each side, as XXS is the
+    smallest), it passes through XXS, XS and S and its minimum lies between XXS and XS."""
+    size = [0.00048, 0.00103, 0.00264, 0.00579, 0.01017, 0.03776]
+    loss = [0.07231, 0.07087, 0.08005, 0.08639, 0.09528, 0.11899]
+    n_all, interior_all, (c0, c1, c2), _ = parabola_optimum(size, loss, neighbours=None)
+    assert not interior_all and n_all == pytest.approx(0.00103)  # the measured best, reported as an edge
+    assert np.exp(-c1 / (2 * c2)) < 0.00048
+    n, interior, coef, window = parabola_optimum(size, loss)
+    assert interior and 0.00048 < n < 0.00103 and window == pytest.approx((0.00048, 0.00264))
+    np.testing.assert_allclose(np.polyval(coef[::-1], np.log(size[:3])), loss[:3], rtol=1e-9)
+    # the best further in: two sizes each side (S best: from XXS to B)
+    loss_s = [0.090, 0.081, 0.080, 0.0805, 0.085, 0.11]
+    assert parabola_optimum(size, loss_s)[3] == pytest.approx((0.00048, 0.01017))
 
 
 def test_loss_at_budget_interpolates_and_never_extrapolates():
@@ -104,8 +125,9 @@ def test_isoflop_optima_follow_the_law():
     iso = isoflop_profiles(df, "val_mse_ema", n_boot=20)
     inner = iso.optima[iso.optima["interior"]]
     assert len(inner) >= 3
-    # the parabola through a discrete grid is biased (module docstring): within 40% of the true optimum size
-    np.testing.assert_allclose(inner["n_opt"], TRUE.n_opt(inner["budget"]), rtol=0.4)
+    # a parabola on a discrete grid is biased where the profile is asymmetric (module docstring): fitted around
+    # the best size, within 1.1% of the true optimum size here (fitted to all 12 sizes: 4.3%)
+    np.testing.assert_allclose(inner["n_opt"], TRUE.n_opt(inner["budget"]), rtol=0.015)
     assert iso.exponent == pytest.approx(TRUE.n_opt_exponent, abs=0.1)
     assert (inner["n_lo"] <= inner["n_opt"] + 1e-12).all() and (inner["n_opt"] <= inner["n_hi"] + 1e-12).all()
     b = default_budgets(df)
@@ -174,11 +196,14 @@ def test_interval_coverage_over_seeds():
     report = {k: (cover[k], round(float(np.median(widths[k])), 4)) for k in truth}
     print("coverage of 20 seeds, median 95% interval width:", report)
     # measured: a 20/20 (width 0.011), b 19/20 (0.021), E 20/20 (0.0029), N_opt exponent 19/20 (0.015),
-    # isoFLOP N_opt exponent 19/20 (0.29), envelope exponent 20/20 (0.118; 16/20 at 0.085 when the fit took the
+    # isoFLOP N_opt exponent 19/20 (0.43; 19/20 at 0.29 with each parabola fitted to all 12 sizes), envelope exponent 20/20 (0.118; 16/20 at 0.085 when the fit took the
     # frontier outside the contested range, biased to 0.236 on average). The envelope's interval is conservative:
     # 0.118 is ~40 sd of its seed-to-seed spread (sd 0.003), since resampling runs measures which sizes were
     # trained, not noise; and the running minimum of noisy points still keeps those that fell low by chance
     # (mean 0.196 against 0.195 without noise here), a bias resampling runs does not see.
     assert all(report[k][0] >= 18 for k in truth), report
-    assert report["n_opt_exponent"][1] < 0.05 and report["isoflop"][1] < 0.35, report
+    # approach 2: each parabola fitted around the best size (laws.PARABOLA_NEIGHBOURS), its estimate's sd over
+    # the 20 seeds 0.093, so a 95% interval of ~0.36 is what the noise asks; fitted to every size the interval
+    # was 0.29 wide for an sd of 0.102
+    assert report["n_opt_exponent"][1] < 0.05 and report["isoflop"][1] < 0.5, report
     assert report["envelope"][1] < 0.15, report
