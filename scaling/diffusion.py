@@ -204,8 +204,18 @@ class Diffusion:
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, xt, t)
         p = self.p_mean_variance(model_out, xt, t, clip_denoised=False)
         kl = mean_flat(normal_kl(true_mean, true_log_var, p["mean"], p["log_variance"])) / math.log(2.0)
-        nll = -mean_flat(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])) / math.log(2.0)
-        return torch.where(t == 0, nll, kl)
+        first = t == 0
+
+        def nll(rows):
+            return -mean_flat(discretized_gaussian_log_likelihood(
+                x0[rows], p["mean"][rows], 0.5 * p["log_variance"][rows])) / math.log(2.0)
+
+        if x0.device.type != "cpu":  # every row, selected: choosing rows would wait for the device
+            return torch.where(first, nll(slice(None)), kl)
+        # On a CPU the decoder term only where t = 0 (~3% of a training batch): its normal CDFs and their gradients
+        # cost a tiny model's step 13% (laptop-XXS/4 trains 1.15x faster, B/4 1.03x: benchmarks/train_cpu.py),
+        # and the values and gradients are the same to the bit.
+        return kl.index_put((first,), nll(first)) if bool(first.any()) else kl
 
     def training_losses(self, model, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                         noise: torch.Tensor | None = None) -> dict:

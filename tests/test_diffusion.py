@@ -204,6 +204,37 @@ def test_vlb_at_t_is_gaussian_kl_in_bits():
     torch.testing.assert_close(vlb, kl.mean(dim=(1, 2, 3)) / LOG2, rtol=1e-10, atol=1e-12)
 
 
+def test_decoder_term_on_a_cpu_only_where_t_is_0_same_bits_and_gradients(monkeypatch):
+    """On a CPU vlb_terms evaluates the decoder NLL for the rows at t = 0 only: the values and the gradients are
+    those of the every-row form (torch.where over both terms, the form accelerators keep) to the bit."""
+    import scaling.diffusion as diffusion_module
+
+    d = base()
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(8, 1, 4, 4, generator=g) * 2 - 1
+    noise = torch.randn(8, 1, 4, 4, generator=g)
+    raw = torch.randn(8, 2, 4, 4, generator=g)
+    rows = []
+    real = diffusion_module.discretized_gaussian_log_likelihood
+    monkeypatch.setattr(diffusion_module, "discretized_gaussian_log_likelihood",
+                        lambda x, *a: rows.append(x.shape[0]) or real(x, *a))
+    for t in (torch.tensor([0, 5, 0, 999, 300, 0, 1, 2]), torch.tensor([3, 5, 9, 999, 300, 7, 1, 2])):
+        xt = d.q_sample(x0, t, noise)
+        out = raw.clone().requires_grad_(True)
+        vlb = d.vlb_terms(out, x0, xt, t)
+        (grad,) = torch.autograd.grad(vlb.sum(), out)
+        ref_out = raw.clone().requires_grad_(True)
+        q_mean, _, q_log_var = d.q_posterior_mean_variance(x0, xt, t)
+        p = d.p_mean_variance(ref_out, xt, t)
+        kl = (0.5 * (-1.0 + p["log_variance"] - q_log_var + torch.exp(q_log_var - p["log_variance"])
+                     + (q_mean - p["mean"]) ** 2 * torch.exp(-p["log_variance"]))).mean(dim=(1, 2, 3)) / LOG2
+        nll = -real(x0, p["mean"], 0.5 * p["log_variance"]).mean(dim=(1, 2, 3)) / LOG2
+        ref = torch.where(t == 0, nll, kl)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), ref_out)
+        assert torch.equal(vlb, ref) and torch.equal(grad, ref_grad)
+    assert rows == [3]  # 3 rows at t = 0 in the first batch, none computed for the second
+
+
 def test_vlb_trains_only_the_variance_and_mse_only_epsilon():
     d = base()
     a = torch.nn.Parameter(torch.tensor(0.7))
