@@ -22,6 +22,7 @@ from scaling.evaluate import eval_steps, missing_evals
 from scaling.rundir import (Lease, LeaseLost, RunDir, RunLocked, acquire_lease, append_jsonl, clean_temporary,
                             lease_is_stale, process_start, read_jsonl, read_jsonl_checked, read_status, repair_jsonl,
                             write_json, write_status)
+import scaling.train as scaling_train
 from scaling.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,14 +143,25 @@ def test_status_and_a_relaunch_survive_a_garbage_lease(tmp_path):
 # ----------------------------------------------------------------------------- D: non-finite steps
 
 
-def test_a_nan_gradient_is_never_checkpointed_and_the_last_finite_checkpoint_is_named(tmp_path):
-    cfg = config_from_overrides(tiny(tmp_path, "train.steps=20", "train.ckpt_every=1", "train.lr=100",
-                                     "train.grad_clip=0"))
-    with pytest.raises(FloatingPointError, match=r"step_\d+\.pt"):
+def test_a_nan_gradient_is_never_checkpointed_and_the_last_finite_checkpoint_is_named(tmp_path, monkeypatch):
+    """A gradient that turns NaN while the loss is finite (here made so at the 4th step by a hook on one weight:
+    a diverging run's loss goes to inf first, which the loss check stops)."""
+    build = scaling_train.build_model_for
+    backwards = []
+
+    def with_a_nan_gradient(cfg, plan):
+        model = build(cfg, plan)
+        weight = next(p for p in model.parameters() if p.requires_grad)
+        weight.register_hook(lambda g: backwards.append(1) or (g * float("nan") if len(backwards) == 4 else g))
+        return model
+
+    monkeypatch.setattr(scaling_train, "build_model_for", with_a_nan_gradient)
+    cfg = config_from_overrides(tiny(tmp_path, "train.steps=20", "train.ckpt_every=1"))
+    with pytest.raises(FloatingPointError, match=r"gradient norm is nan at step 4 .*step_0000003\.pt"):
         train(cfg)
     run = run_dir_for(cfg)
     steps = list_steps(run)
-    assert steps, "the steps before the blow-up are kept"
+    assert steps == [1, 2, 3], "the steps before the blow-up are kept"
     for s in steps:
         ckpt = load_checkpoint(checkpoint_path(run, s))
         for part in ("model", "ema"):
