@@ -21,8 +21,9 @@ points, the best kept; intervals from resampling whole runs. Its compute-optimal
 
 IsoFLOP profiles (approach 2): each run's curve is read at a budget by log-log interpolation between its own
 logged points (never extrapolated; a run that stops within 3% short of a budget, rounding its steps, is read at
-its last point); a parabola in log N through the profile gives the budget's optimum. The
-parabola is biased where the profile is asymmetric about its minimum, which is why approach 3 is also given.
+its last point); a parabola in log N fitted to the profile's best size and its neighbours (parabola_optimum) gives
+the budget's optimum. A parabola is biased where the profile is asymmetric about its minimum, the more so the
+wider the sizes it is fitted to, which is why approach 3 is also given.
 """
 
 import itertools
@@ -290,8 +291,8 @@ def _at_budget(curves, budget, loss_col, size_col, group_col, rtol: float = 0.03
 def parabola_optimum(size, loss, neighbours: int | None = PARABOLA_NEIGHBOURS) -> tuple[float, bool, np.ndarray,
                                                                                       tuple[float, float]]:
     """(size at the minimum, interior?, coefficients, sizes fitted) of loss = c0 + c1 x + c2 x^2, x = log size,
-    fitted to the measured best size and up to `neighbours` sizes on each side of it, as many on both sides (every
-    size: None).
+    fitted to the measured best size (the lowest mean loss of its runs, e.g. seeds) and up to `neighbours` sizes on
+    each side of it, as many on both sides (every size: None).
 
     A parabola is the minimum's local (second-order) shape: fitted across a wide sweep it follows the far sizes,
     and an asymmetric profile pulls its vertex off the measured minimum, even outside it (the laptop isoFLOP
@@ -301,10 +302,10 @@ def parabola_optimum(size, loss, neighbours: int | None = PARABOLA_NEIGHBOURS) -
     size returned is the measured best (the optimum is at or beyond an edge of the sweep) and the parabola is the
     one through the 3 sizes nearest it."""
     x, y = np.log(np.asarray(size, dtype=float)), np.asarray(loss, dtype=float)
-    sizes = np.unique(x)
+    sizes, which = np.unique(x, return_inverse=True)
     if sizes.size < 3:
         raise ValueError(f"an isoFLOP parabola needs 3+ sizes at the budget; got {sizes.size}")
-    best = x[np.argmin(y)]
+    best = sizes[np.argmin(np.bincount(which, weights=y) / np.bincount(which))]  # by the mean of a size's runs
     if neighbours is not None:
         if neighbours < 1:
             raise ValueError(f"neighbours={neighbours!r}; allowed: an integer >= 1, or None for every size")

@@ -106,6 +106,9 @@ def test_parabola_is_fitted_around_the_measured_best():
     # the best further in: two sizes each side (S best: from XXS to B)
     loss_s = [0.090, 0.081, 0.080, 0.0805, 0.085, 0.11]
     assert parabola_optimum(size, loss_s)[3] == pytest.approx((0.00048, 0.01017))
+    # seeds: the best size is the one of the lowest mean (XS), not of the luckiest run (S's second seed, 0.0690)
+    n2, interior2, _, window2 = parabola_optimum(size + [0.00264], loss + [0.0690])
+    assert interior2 and window2 == pytest.approx((0.00048, 0.00264))
 
 
 def test_loss_at_budget_interpolates_and_never_extrapolates():
