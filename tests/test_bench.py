@@ -199,3 +199,18 @@ def test_cuda_only_settings_are_recorded_as_errors_on_cpu():
     row = bench.run_spec(spec, CPU, {}, None)
     assert row["error"].startswith("ValueError: tf32 on cpu: tf32=True needs a CUDA device")
     assert "img_per_s" not in row
+
+
+def test_train_cpu_benchmark_trains_both_forms_to_the_same_weights(tmp_path):
+    """benchmarks/train_cpu.py: a few real training steps of each laptop model with the decoder term for every row
+    and for the rows at t = 0 only; the weights after the last step are the same to the bit."""
+    from benchmarks import train_cpu
+
+    threads = torch.get_num_threads()
+    try:
+        assert train_cpu.main(["--steps", "2", "--out", str(tmp_path / "t.txt")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = [ln.split() for ln in (tmp_path / "t.txt").read_text().splitlines() if ln.startswith("laptop_")]
+    assert [r[0] for r in rows] == [f"{m}/4" for m in train_cpu.MODELS]
+    assert all(r[-1] == "True" and float(r[1]) > 0 and float(r[2]) > 0 for r in rows), rows
