@@ -22,6 +22,7 @@ are cached under `cache_dir()` (env DIT_SCALING_CACHE, default ~/.cache/dit-scal
 """
 
 import argparse
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -319,6 +320,17 @@ def domain_code_version() -> str:
     return hashlib.sha256(src.encode()).hexdigest()[:12]
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch on one intra-op thread inside the block, as many as before after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def domain_weights_path(data_cfg, seed: int, data_sha: str) -> Path:
     key = hashlib.sha256(f"{domain_code_version()}|{data_sha}".encode()).hexdigest()[:12]
     return cache_dir() / "features" / f"domain-{data_cfg.name}{data_cfg.image_size}-s{seed}-{key}.pt"
@@ -356,31 +368,34 @@ def train_domain(data_cfg, seed: int = 0, *, progress: bool = True, force: bool 
     perm = torch.randperm(len(x), generator=g)
     n_held = max(1, int(round(hp["held_out"] * len(x))))
     held, train = perm[:n_held], perm[n_held:]
-    net = DomainNet(x.shape[1], data_cfg.image_size, dataset.num_classes, hp["width"], hp["feature_dim"])
-    opt = torch.optim.AdamW(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
-    steps_per_epoch = math.ceil(len(train) / hp["batch_img"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, hp["lr"], total_steps=hp["epochs"] * steps_per_epoch)
-    bar = tqdm(total=hp["epochs"] * steps_per_epoch, desc="train domain classifier", unit="step",
-               disable=not progress)
-    for _ in range(hp["epochs"]):
-        net.train()
-        order = train[torch.randperm(len(train), generator=g)]
-        for i in range(0, len(order), hp["batch_img"]):
-            idx = order[i:i + hp["batch_img"]]
-            xb = x[idx]
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-            loss = F.cross_entropy(net(xb)[1], y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    net.eval()
-    with torch.no_grad():
-        pred = torch.cat([net(x[held[i:i + 1024]])[1].argmax(1) for i in range(0, len(held), 1024)])
+    # One thread whatever the job's: the weights define the FD feature space, and on one CPU 2 threads trained
+    # other weights than 1 (another summation order in the convolutions' gradients).
+    with one_thread():
+        net = DomainNet(x.shape[1], data_cfg.image_size, dataset.num_classes, hp["width"], hp["feature_dim"])
+        opt = torch.optim.AdamW(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+        steps_per_epoch = math.ceil(len(train) / hp["batch_img"])
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, hp["lr"], total_steps=hp["epochs"] * steps_per_epoch)
+        bar = tqdm(total=hp["epochs"] * steps_per_epoch, desc="train domain classifier", unit="step",
+                   disable=not progress)
+        for _ in range(hp["epochs"]):
+            net.train()
+            order = train[torch.randperm(len(train), generator=g)]
+            for i in range(0, len(order), hp["batch_img"]):
+                idx = order[i:i + hp["batch_img"]]
+                xb = x[idx]
+                flip = torch.rand(len(idx), generator=g) < 0.5
+                xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
+                loss = F.cross_entropy(net(xb)[1], y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+        net.eval()
+        with torch.no_grad():
+            pred = torch.cat([net(x[held[i:i + 1024]])[1].argmax(1) for i in range(0, len(held), 1024)])
     acc = (pred == y[held]).float().mean().item()
     arch = {"in_channels": x.shape[1], "image_size": data_cfg.image_size, "num_classes": dataset.num_classes,
             "width": hp["width"], "feature_dim": hp["feature_dim"]}

@@ -14,7 +14,7 @@ from scaling.data import DataConfig, load_animal_mnist
 from scaling.evaluate import UInt8Images, compute_metrics, frechet_distance, reference_key
 from scaling.features import (INCEPTION_FILE, DomainExtractor, InceptionOfflineExtractor, MissingWeights,
                               _atomic_save, build_extractor, dataset_fingerprint, fid_helper_torchscript, file_sha256,
-                              from_uint8, main, offline_inception_weights, to_uint8)
+                              from_uint8, main, offline_inception_weights, to_uint8, train_domain)
 
 SIZE = 16  # the domain classifier of the tests: animal_mnist at 16 px (trains in ~15 s on one thread)
 
@@ -224,3 +224,19 @@ def test_compute_metrics_gives_torch_fidelity_numbers_to_the_bit(domain, animals
                         "kid": theirs["kernel_inception_distance_mean"],
                         "kid_std": theirs["kernel_inception_distance_std"]}
         assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1  # not a degenerate match
+
+
+def test_the_domain_classifier_trains_to_the_same_weights_whatever_the_threads(tmp_path, monkeypatch):
+    """Its weights are the FD feature space: a job with 2 threads trained other weights than one with 1 (another
+    summation order in the convolutions' gradients), so two jobs of one study could measure FD in two spaces."""
+    monkeypatch.setenv("DIT_SCALING_CACHE", str(tmp_path))
+    threads, shas = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            shas.append(file_sha256(train_domain(DataConfig(name="digits", image_size=16), 0, progress=False,
+                                                 force=True)))
+            assert torch.get_num_threads() == n  # as before the training
+    finally:
+        torch.set_num_threads(threads)
+    assert shas[0] == shas[1]
