@@ -867,13 +867,16 @@ def gpu_peak_tflops(device: torch.device) -> tuple[float | None, str]:
     return None, f"{name}: unknown peak (pass --peak-tflops)"
 
 
-def machine_info(device: torch.device, peak_tflops: float | None, peak_source: str) -> dict:
-    cpu = platform.processor()
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module says."""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    return {"hostname": socket.gethostname(), "device": str(device), "cpu": cpu, "cpu_count": os.cpu_count(),
+        return platform.processor()
+
+
+def machine_info(device: torch.device, peak_tflops: float | None, peak_source: str) -> dict:
+    return {"hostname": socket.gethostname(), "device": str(device), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "peak_bf16_tflops": peak_tflops, "peak_source": peak_source, "load_avg_1min_start": load_average()}

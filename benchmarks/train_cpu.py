@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench import cpu_name
 from scaling.diffusion import Diffusion, DiffusionConfig, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from scaling.models import build_model
 from scaling.train import update_ema
@@ -87,22 +88,14 @@ def rows(steps: int) -> list[str]:
     return out
 
 
-def cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return "unknown CPU"
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "unknown CPU")
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.train_cpu", description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200, help="timed steps per form and model (default 200)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_cpu.txt"), help="'-': print only")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    head = [f"# benchmarks/train_cpu.py, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs ({cpu_model()}), one thread, "
-            f"batch {BATCH}, median of {args.steps} steps; torch {torch.__version__}",
+    head = [f"# benchmarks/train_cpu.py, {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs ({cpu_name()}), "
+            f"one thread, batch {BATCH}, median of {args.steps} steps; torch {torch.__version__}",
             f"{'model':<14}{'every row':>10}{'t=0 rows':>10}{'':>9}   weights identical after the last step",
             f"{'':<14}{'ms/step':>10}{'ms/step':>10}"]
     body = rows(args.steps)

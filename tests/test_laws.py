@@ -199,8 +199,9 @@ def test_interval_coverage_over_seeds():
     report = {k: (cover[k], round(float(np.median(widths[k])), 4)) for k in truth}
     print("coverage of 20 seeds, median 95% interval width:", report)
     # measured: a 20/20 (width 0.011), b 19/20 (0.021), E 20/20 (0.0029), N_opt exponent 19/20 (0.015),
-    # isoFLOP N_opt exponent 19/20 (0.43; 19/20 at 0.29 with each parabola fitted to all 12 sizes), envelope exponent 20/20 (0.118; 16/20 at 0.085 when the fit took the
-    # frontier outside the contested range, biased to 0.236 on average). The envelope's interval is conservative:
+    # isoFLOP N_opt exponent 19/20 (0.43; 19/20 at 0.29 with each parabola fitted to all 12 sizes), envelope
+    # exponent 20/20 (0.118; 16/20 at 0.085 when the fit took the frontier outside the contested range, biased to
+    # 0.236 on average). The envelope's interval is conservative:
     # 0.118 is ~40 sd of its seed-to-seed spread (sd 0.003), since resampling runs measures which sizes were
     # trained, not noise; and the running minimum of noisy points still keeps those that fell low by chance
     # (mean 0.196 against 0.195 without noise here), a bias resampling runs does not see.
