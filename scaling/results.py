@@ -34,14 +34,14 @@ COLUMNS = [
     "step", "img_seen", "train_flops", "fd", "fid", "inception_score", "precision", "recall",
     "feature_extractor", "num_samples", "sampler", "sampling_steps", "cfg_scale", "dataset", "resolution",
     "metric_label", "metric_name", "seed", "eval_seed", "setting", "wall_s", "state", "last_step", "steps",
-    "point_id",
+    "point_id", "feature_weights_sha",
 ]
 _INT_COLUMNS = ["patch", "params", "tokens", "batch_img", "step", "img_seen", "num_samples", "sampling_steps",
                 "resolution", "seed", "eval_seed", "last_step", "steps"]
 _FLOAT_COLUMNS = ["gflops_per_img", "train_flops", "fd", "fid", "inception_score", "precision", "recall",
                   "cfg_scale", "wall_s"]
 _EVAL_KEYS = ["fd", "inception_score", "precision", "recall", "feature_extractor", "num_samples", "sampler",
-              "sampling_steps", "cfg_scale", "wall_s", "setting"]
+              "sampling_steps", "cfg_scale", "wall_s", "setting", "feature_weights_sha"]
 _SETTING_KEYS = ("feature_extractor", "num_samples", "sampler", "sampling_steps", "cfg_scale")  # what an eval ran
 
 REFERENCE_CSV = Path(__file__).resolve().parent / "reference" / "dit_table4.csv"
@@ -167,7 +167,7 @@ def tidy(rows: list[dict]) -> pd.DataFrame:
     df["train_flops"] = train_flops(df["gflops_per_img"], df["batch_img"].astype("float64"),
                                     df["step"].astype("float64"))
     for c in ("run_id", "point_id", "model", "family", "block", "feature_extractor", "sampler", "dataset",
-              "metric_label", "metric_name", "setting", "state"):
+              "metric_label", "metric_name", "setting", "state", "feature_weights_sha"):
         df[c] = df[c].astype(object).where(df[c].notna(), None)
     return df.sort_values(["run_id", "step", "setting"], na_position="first", kind="stable").reset_index(drop=True)
 
@@ -202,6 +202,25 @@ def collect(roots) -> pd.DataFrame:
     return tidy(rows)
 
 
+def mixed_feature_spaces(df: pd.DataFrame) -> str | None:
+    """Why the table's FDs do not compare, or None: one feature extractor (e.g. domain) with two weights files
+    (`feature_weights_sha`, from evals.jsonl). Each weights file is its own feature space: a domain classifier
+    trained on another machine gave FDs 3-4% apart on the same samples. Rows without a sha (tables written before
+    the column) are not judged."""
+    if not {"feature_extractor", "feature_weights_sha"} <= set(df.columns):
+        return None
+    d = df[df["feature_extractor"].notna() & df["feature_weights_sha"].notna()]
+    for backend, g in d.groupby("feature_extractor", sort=True):
+        runs = g.groupby("feature_weights_sha", sort=True)["run_id"].unique()
+        if len(runs) > 1:
+            spaces = "; ".join(f"{sha}: {', '.join(sorted(r)[:3])}{f' and {len(r) - 3} more' if len(r) > 3 else ''}"
+                               for sha, r in runs.items())
+            return (f"the {backend} metrics were measured with {len(runs)} different weights files, FDs in different "
+                    f"feature spaces that do not compare ({spaces}); evaluate every run with one (for the domain "
+                    f"backend: the shipped classifier, scaling/reference/domain/)")
+    return None
+
+
 # Columns averaged over the seeds of a grid point (seed_means): the eval metrics and every named metric or
 # held-out loss column beyond COLUMNS. The rest (sizes, steps, settings) is equal across seeds by construction.
 _SEED_MEAN_COLUMNS = ["fd", "fid", "inception_score", "precision", "recall", "wall_s"]
@@ -214,6 +233,9 @@ def seed_means(df: pd.DataFrame, spread_cols=SEED_SPREAD_COLUMNS) -> pd.DataFram
     `<col>_seed_min` / `<col>_seed_max` keep the range of each of `spread_cols` (equal to the value for a point of
     one seed). A merged run's run_id is its point_id and its seed is empty; a point of one run keeps its rows.
     A table already merged is returned as is, so figures and laws can each call it."""
+    problem = mixed_feature_spaces(df)
+    if problem:
+        raise ValueError(problem)
     d = df.copy()
     if "point_id" not in d.columns:  # a table built without run directories: every run is its own point
         d["point_id"] = d["run_id"]
@@ -276,20 +298,26 @@ def paper_table(path=REFERENCE_CSV) -> pd.DataFrame:
 
 
 def read_table(path) -> pd.DataFrame:
-    """A results table from results.csv / .parquet, the reference dit_table4.csv, or an output root."""
+    """A results table from results.csv / .parquet, the reference dit_table4.csv, or an output root. A table whose
+    FDs mix feature spaces (mixed_feature_spaces) raises: figures and fits read it through here or seed_means."""
     path = Path(path)
     if path.is_dir():
-        return collect([path])
-    if not path.is_file():
+        df = collect([path])
+    elif not path.is_file():
         raise ValueError(f"{str(path)!r} is neither a results file nor an output root")
-    if path.suffix == ".parquet":
-        return tidy(pd.read_parquet(path).to_dict("records"))
-    if path.suffix != ".csv":
+    elif path.suffix == ".parquet":
+        df = tidy(pd.read_parquet(path).to_dict("records"))
+    elif path.suffix != ".csv":
         raise ValueError(f"{str(path)!r}: expected .csv, .parquet or a directory")
-    df = pd.read_csv(path)
-    if "fid50k_400k" in df.columns:
-        return paper_table(path)
-    return tidy(df.to_dict("records"))
+    else:
+        df = pd.read_csv(path)
+        if "fid50k_400k" in df.columns:
+            return paper_table(path)
+        df = tidy(df.to_dict("records"))
+    problem = mixed_feature_spaces(df)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    return df
 
 
 def write_table(df: pd.DataFrame, out) -> list[Path]:
@@ -319,7 +347,10 @@ def main(argv=None) -> int:
     if df.empty:
         print(f"error: no run directories (runs/<run_id>/plan.json) under {', '.join(args.roots)}", file=sys.stderr)
         return 2
-    written = write_table(df, args.out)
+    written = write_table(df, args.out)  # written even so: nothing is lost, and the figures and laws refuse it
+    problem = mixed_feature_spaces(df)
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
     evaluated = df["fd"].notna().sum()
     print(f"{df['run_id'].nunique()} runs, {evaluated} evaluated rows -> {', '.join(map(str, written))}")
     return 0

@@ -1,5 +1,6 @@
-"""Feature backends: the offline Inception reproduces the TorchScript pool3, the domain classifier trains, is cached
-and orders distributions as FD should, missing weights fail with one actionable line, cache keys follow the data."""
+"""Feature backends: the offline Inception reproduces the TorchScript pool3, the domain classifier ships for the
+laptop data (else trains and is cached) and orders distributions as FD should, missing weights fail with one
+actionable line, cache keys follow the data."""
 
 import json
 import os
@@ -10,13 +11,15 @@ import pytest
 import torch
 from torch_fidelity.utils import create_feature_extractor
 
-from scaling.data import DataConfig, load_animal_mnist
+from scaling import features
+from scaling.data import DataConfig, build_dataset, load_animal_mnist
 from scaling.evaluate import UInt8Images, compute_metrics, frechet_distance, reference_key
 from scaling.features import (INCEPTION_FILE, DomainExtractor, InceptionOfflineExtractor, MissingWeights,
-                              _atomic_save, build_extractor, dataset_fingerprint, fid_helper_torchscript, file_sha256,
-                              from_uint8, main, offline_inception_weights, to_uint8, train_domain)
+                              _atomic_save, build_extractor, dataset_fingerprint, domain_code_version,
+                              fid_helper_torchscript, file_sha256, from_uint8, main, offline_inception_weights,
+                              shipped_domain_path, to_uint8, train_domain)
 
-SIZE = 16  # the domain classifier of the tests: animal_mnist at 16 px (trains in ~15 s on one thread)
+SIZE = 16  # the domain classifier of the tests: animal_mnist at 16 px, the laptop study's (shipped)
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +102,38 @@ def test_inception_backend_loads_a_local_weights_file(tmp_path):
     assert fe.fc.weight.shape == (1008, 2048)
 
 
-def test_domain_classifier_trains_once_and_reports_accuracy(domain, cache_dir):
+def test_the_laptop_domain_classifier_is_the_shipped_one_and_current(domain, cache_dir):
+    # One FD feature space on every machine: the shipped weights, used as they are (nothing trained or cached),
+    # and trained by today's code on today's data (else train_domain would silently train another space: a
+    # change to DomainNet, fit_domain or DOMAIN_TRAIN must retrain them with `train-domain --ship`).
     assert domain.backend == "domain" and domain.is_layer == "logits" and domain.fd_layer == "features"
-    meta = json.loads((cache_dir / "features" / domain.info["weights_file"]).with_suffix(".json").read_text())
+    path = shipped_domain_path(DataConfig(image_size=SIZE), 0)
+    assert domain.weights_path == str(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["code_version"] == domain_code_version()
+    assert meta["data_sha"] == dataset_fingerprint(build_dataset(DataConfig(image_size=SIZE)))
+    assert meta["weights_sha256"] == file_sha256(path) == domain.weights_sha
     assert meta["held_out_accuracy"] == domain.info["held_out_accuracy"] > 0.85
     assert meta["num_held_out"] == 1000 and meta["image_size"] == SIZE
-    mtime = os.stat(domain.weights_path).st_mtime_ns
-    again = build_extractor("domain", DataConfig(image_size=SIZE), progress=False)
-    assert again.weights_path == domain.weights_path and os.stat(domain.weights_path).st_mtime_ns == mtime
+    assert not list((cache_dir / "features").glob(f"domain-animal_mnist{SIZE}-*"))
+
+
+def test_a_stale_shipped_classifier_is_not_used(tmp_path, monkeypatch, capsys):
+    # Shipped weights for other data or code: trained into the cache instead, once, with a line saying why.
+    monkeypatch.setenv("DIT_SCALING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(features, "SHIPPED_DOMAIN_DIR", tmp_path / "shipped")
+    cfg = DataConfig(name="digits", image_size=16)
+    shipped = train_domain(cfg, 0, progress=False, out=shipped_domain_path(cfg, 0))
+    assert shipped.parent == tmp_path / "shipped"
+    assert train_domain(cfg, 0, progress=False) == shipped            # current: used, nothing trained
+    meta = json.loads(shipped.with_suffix(".json").read_text())
+    shipped.with_suffix(".json").write_text(json.dumps({**meta, "code_version": "0" * 12}))
+    capsys.readouterr()
+    cached = train_domain(cfg, 0, progress=False)
+    assert cached.parent == tmp_path / "cache" / "features" and file_sha256(cached) == meta["weights_sha256"]
+    assert "was trained on other data or by other code" in capsys.readouterr().err
+    mtime = os.stat(cached).st_mtime_ns
+    assert train_domain(cfg, 0, progress=False) == cached and os.stat(cached).st_mtime_ns == mtime  # cached once
 
 
 def test_the_same_weights_saved_twice_have_the_same_bytes(tmp_path):
@@ -120,7 +147,7 @@ def test_the_same_weights_saved_twice_have_the_same_bytes(tmp_path):
     assert torch.equal(torch.load(b, weights_only=True)["w"], weights["w"])
 
 
-def test_domain_cli_reports_the_cached_classifier(domain, capsys):
+def test_domain_cli_reports_the_classifier_in_use(domain, capsys):
     main(["train-domain", "--dataset", "animal_mnist", "--image-size", str(SIZE)])
     out = json.loads(capsys.readouterr().out)
     assert out["weights"] == domain.weights_path and out["held_out_accuracy"] > 0.85

@@ -1,6 +1,7 @@
 """A wheel (`pip install .`, not editable) ships the configs and the studies and runs the main commands."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def test_a_wheel_runs_the_paper_dry_run_and_a_laptop_step_outside_the_repository
     (wheel,) = (tmp_path / "dist").glob("dit_scaling-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"scaling/conf/config.yaml", "scaling/conf/model/dit_xl.yaml", "scaling/sweeps/laptop.yaml",
-            "scaling/sweeps/paper.yaml"} <= names
+            "scaling/sweeps/paper.yaml", "scaling/reference/domain/domain-animal_mnist16-s0.pt",
+            "scaling/reference/domain/domain-animal_mnist16-s0.json"} <= names
     entry_points = zipfile.ZipFile(wheel).read("dit_scaling-0.1.0.dist-info/entry_points.txt").decode()
     assert all(f"{cmd} = " in entry_points for cmd in ("dit-launch", "dit-status", "dit-results", "dit-figures"))
     site = tmp_path / "site"
@@ -47,3 +49,8 @@ def test_a_wheel_runs_the_paper_dry_run_and_a_laptop_step_outside_the_repository
                "eval.num_ref=200", f"output_root={tmp_path / 'out'}")
     assert step.returncode == 0 and step.stdout.strip().endswith(": done"), step.stdout + step.stderr
     assert len(list((tmp_path / "out" / "runs").glob("laptop_s-p8-*/checkpoints/step_0000001.pt"))) == 1
+    # its FD in the shipped classifier's space, as on every machine
+    (evals,) = (tmp_path / "out" / "runs").glob("laptop_s-p8-*/evals.jsonl")
+    shipped = json.loads((ROOT / "scaling" / "reference" / "domain" / "domain-animal_mnist16-s0.json").read_text())
+    assert {json.loads(line)["feature_weights_sha"] for line in evals.read_text().splitlines()} == {
+        shipped["weights_sha256"][:16]}

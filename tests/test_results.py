@@ -3,8 +3,8 @@ import pandas as pd
 import pytest
 
 from fakes import make_fake_run
-from scaling.results import (COLUMNS, REFERENCE_CSV, collect, main, metric_label, paper_table, read_table,
-                             write_table)
+from scaling.results import (COLUMNS, REFERENCE_CSV, collect, main, metric_label, mixed_feature_spaces, paper_table,
+                             read_table, seed_means, write_table)
 
 
 def test_metric_label_names_the_feature_space():
@@ -188,3 +188,33 @@ def test_seed_means_keeps_unnamed_eval_settings_apart(tmp_path):
     assert (m.loc[250, "fd"], m.loc[500, "fd"]) == (305.0, 205.0)
     assert (m.loc[500, "fd_seed_min"], m.loc[500, "fd_seed_max"]) == (200.0, 210.0)
     assert m["setting"].map(lambda v: v is None).all()  # empty as in the table, not NaN
+
+
+def test_fds_of_two_classifier_weights_are_refused_by_the_analysis_not_lost(tmp_path, capsys):
+    # Seeds 1-2 evaluated on another machine, whose domain classifier was other weights: FD-1K in two spaces,
+    # 3-4% apart on the same samples. The table keeps the weights' sha and is written (nothing is lost); the
+    # figures and fits (read_table, seed_means) refuse to compare or average them, naming the weights and runs.
+    for seed, sha in ((0, "aaaa"), (1, "bbbb"), (2, "bbbb")):
+        make_fake_run(tmp_path, "laptop_s", 4, seed=seed, evals=[{"step": 100, "fd": 50.0 + seed,
+                                                                   "feature_weights_sha": sha}])
+    make_fake_run(tmp_path, "laptop_b", 4, evals=[{"step": 100, "fd": 30.0, "feature_weights_sha": "cccc",
+                                                  "feature_extractor": "inception", "num_samples": 50_000}])
+    df = collect(tmp_path)
+    assert sorted(df["feature_weights_sha"]) == ["aaaa", "bbbb", "bbbb", "cccc"]
+    problem = mixed_feature_spaces(df)
+    assert problem.startswith("the domain metrics were measured with 2 different weights files")
+    assert "aaaa: laptop_s-p4-adaln_zero-animal_mnist32-s0-fake0000" in problem and "bbbb: " in problem
+    out = tmp_path / "results.csv"
+    assert main([str(tmp_path), "-o", str(out)]) == 0 and out.is_file()
+    assert "warning: the domain metrics were measured with 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="results.csv: the domain metrics were measured with 2"):
+        read_table(out)
+    with pytest.raises(ValueError, match="different weights files"):
+        read_table(tmp_path)
+    with pytest.raises(ValueError, match="different weights files"):
+        seed_means(df)
+    # one space per extractor (Inception's own sha beside the domain's) and tables before the column: accepted
+    one = df[df["feature_weights_sha"] != "aaaa"]
+    assert mixed_feature_spaces(one) is None and seed_means(one)["n_seeds"].max() == 2
+    assert mixed_feature_spaces(df.drop(columns="feature_weights_sha")) is None
+    assert mixed_feature_spaces(df.assign(feature_weights_sha=None)) is None
