@@ -18,6 +18,7 @@ The reference set is `num_ref` images of the training data (an evenly strided su
 statistics are cached under a key holding the backend's weights hash and the data's hash.
 
     python -m scaling.evaluate <run_dir> [--step S] [--num-samples N] [--backend B] [--sampler ddpm|ddim] ...
+    python -m scaling.evaluate <run_dir> --rescore     # rows of other feature weights (another space) scored again
     python -m scaling.evaluate --npz samples.npz --dataset animal_mnist --image-size 32 --backend domain
 """
 
@@ -468,9 +469,20 @@ def run_eval_config(run_dir) -> EvalConfig:
     return run_config(run_dir).eval
 
 
-def find_eval(run_dir, step: int, setting: str) -> Optional[dict]:
-    return next((r for r in read_jsonl(as_run(run_dir).evals) if r.get("step") == step
-                 and r.get("setting") == setting), None)
+def find_eval(run_dir, step: int, setting: str, weights_sha: Optional[str] = None) -> Optional[dict]:
+    """The latest row of (step, setting); with `weights_sha` (16 hex digits) only a row scored with those feature
+    weights (or one that does not say): a row of another classifier's space is then missing, to be scored again."""
+    rows = [r for r in read_jsonl(as_run(run_dir).evals) if r.get("step") == step and r.get("setting") == setting
+            and (weights_sha is None or r.get("feature_weights_sha") in (None, weights_sha))]
+    return rows[-1] if rows else None
+
+
+def other_weights_steps(run_dir, backend: str, weights_sha: str) -> list[int]:
+    """Steps whose latest row of a `backend` setting was scored with other weights than `weights_sha` (16 hex
+    digits): the rows the results table keeps (the latest of each step and setting) in another feature space."""
+    latest = {(r.get("step"), r.get("setting")): r for r in read_jsonl(as_run(run_dir).evals)}
+    return sorted({step for (step, _), r in latest.items() if step is not None
+                   and r.get("feature_extractor") == backend and r.get("feature_weights_sha") not in (None, weights_sha)})
 
 
 def eval_steps(steps: list[int], ckpt_every: int, every_ckpt: int, final_step: int) -> list[int]:
@@ -498,14 +510,16 @@ def missing_evals(run_dir, eval_cfg: EvalConfig, ckpt_every: int, final_step: in
 
 
 def evaluate_checkpoint(run_dir, step: int, eval_cfg: Optional[EvalConfig] = None, device=None, *,
-                        distributed: bool = False, progress: bool = True, final_step: Optional[int] = None) -> dict:
+                        distributed: bool = False, progress: bool = True, final_step: Optional[int] = None,
+                        weights_sha: Optional[str] = None) -> dict:
     """Sample the EMA model of checkpoint `step`, score it and append the row to evals.jsonl; returns the row.
 
     A row for (step, setting) that exists is returned as is (no duplicates). eval_cfg=None uses the run's own
     eval settings. distributed=True shares the sampling over the torch.distributed ranks (all must call this).
     With eval.final_num_samples, the final step (`final_step`, default the run's train.steps) draws the whole
     stream and writes two rows: its own setting's (final_setting) and this setting's from the first num_samples;
-    the returned row is this setting's.
+    the returned row is this setting's. weights_sha (16 hex digits): a row scored with other feature weights counts
+    as missing and is scored again (`--rescore`); the new row, appended, is the one the results table keeps.
     """
     from scaling.features import build_extractor
 
@@ -516,9 +530,9 @@ def evaluate_checkpoint(run_dir, step: int, eval_cfg: Optional[EvalConfig] = Non
     if final is not None and final_step is None:
         final_step = run_config(run).train.steps
     wanted = [eval_cfg] + ([final] if final is not None and step == final_step else [])
-    todo = [e for e in wanted if find_eval(run, step, setting_key(e)) is None]
+    todo = [e for e in wanted if find_eval(run, step, setting_key(e), weights_sha) is None]
     if not todo:
-        return find_eval(run, step, setting_key(eval_cfg))
+        return find_eval(run, step, setting_key(eval_cfg), weights_sha)
     rank = _dist()[0] if distributed else 0
     t0 = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -536,7 +550,7 @@ def evaluate_checkpoint(run_dir, step: int, eval_cfg: Optional[EvalConfig] = Non
     sample_s = time.perf_counter() - t0
     if rank != 0:
         torch.distributed.barrier()  # rank 0 scores and appends the row
-        return find_eval(run, step, setting_key(eval_cfg)) or {}
+        return find_eval(run, step, setting_key(eval_cfg), weights_sha) or {}
     del model
     images = np.load(npz)["arr_0"]                                               # (N, H, W, 3) uint8
     save_grid(images[:64], run.samples / f"eval_step{step:07d}_{key}.png")
@@ -566,7 +580,7 @@ def evaluate_checkpoint(run_dir, step: int, eval_cfg: Optional[EvalConfig] = Non
         if progress:
             print(f"[evaluate] step {step} {k}: " + " | ".join(f"{n} {v:.4g}" for n, v in row["metrics"].items()),
                   file=sys.stderr, flush=True)
-        existing = find_eval(run, step, k)  # another process may have finished the same eval meanwhile
+        existing = find_eval(run, step, k, weights_sha)  # another process may have finished it meanwhile
         if existing is None:
             append_jsonl(run.evals, row)
         rows[k] = existing or row
@@ -574,7 +588,7 @@ def evaluate_checkpoint(run_dir, step: int, eval_cfg: Optional[EvalConfig] = Non
         npz.unlink()
     if distributed and _dist()[1] > 1:
         torch.distributed.barrier()
-    return rows.get(setting_key(eval_cfg)) or find_eval(run, step, setting_key(eval_cfg))
+    return rows.get(setting_key(eval_cfg)) or find_eval(run, step, setting_key(eval_cfg), weights_sha)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -614,6 +628,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-ref", type=int)
     p.add_argument("--inception-weights")
     p.add_argument("--device", default=None)
+    p.add_argument("--rescore", action="store_true", help="score again the checkpoints whose rows were measured with "
+                   "other feature weights than this machine's (e.g. a domain classifier trained before the package "
+                   "shipped one): their FDs are in another space")
     p.add_argument("--npz", help="score this .npz (ADM layout) against --dataset instead of a run")
     p.add_argument("--dataset", choices=DATASETS, default="animal_mnist")
     p.add_argument("--data-path", default=None)
@@ -644,10 +661,20 @@ def main(argv=None) -> int:
     device = args.device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     steps = [args.step] if args.step is not None else missing_evals(args.run_dir, eval_cfg, run_cfg.train.ckpt_every,
                                                                      run_cfg.train.steps)
+    weights_sha = None
+    if args.rescore:
+        from scaling.features import build_extractor
+
+        space = build_extractor(eval_cfg.backend, pixel_data_config(run_cfg.data),
+                                inception_weights=eval_cfg.inception_weights)
+        weights_sha = space.weights_sha[:16]
+        if args.step is None:
+            steps = sorted(set(steps) | set(other_weights_steps(args.run_dir, eval_cfg.backend, weights_sha)))
     if not steps:
         print(f"[evaluate] nothing to do: every checkpoint has an eval for {setting_key(eval_cfg)}")
     for step in steps:
-        row = evaluate_checkpoint(args.run_dir, step, eval_cfg, device=device, distributed=distributed)
+        row = evaluate_checkpoint(args.run_dir, step, eval_cfg, device=device, distributed=distributed,
+                                  weights_sha=weights_sha)
         if _dist()[0] == 0:
             print(json.dumps({k: row.get(k) for k in ("step", "setting", "metrics", "wall_s")}))
     return 0

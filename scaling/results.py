@@ -216,8 +216,8 @@ def mixed_feature_spaces(df: pd.DataFrame) -> str | None:
             spaces = "; ".join(f"{sha}: {', '.join(sorted(r)[:3])}{f' and {len(r) - 3} more' if len(r) > 3 else ''}"
                                for sha, r in runs.items())
             return (f"the {backend} metrics were measured with {len(runs)} different weights files, FDs in different "
-                    f"feature spaces that do not compare ({spaces}); evaluate every run with one (for the domain "
-                    f"backend: the shipped classifier, scaling/reference/domain/)")
+                    f"feature spaces that do not compare ({spaces}); score the runs of the other weights again "
+                    f"with this machine's: python -m scaling.evaluate <output_root>/runs/<run_id> --rescore")
     return None
 
 

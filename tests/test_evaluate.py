@@ -315,3 +315,26 @@ def test_score_an_external_npz(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out["metrics"]) == {"fd400_domain", "is400_domain", "precision400_domain", "recall400_domain"}
     assert out["num_samples"] == 400 and out["num_ref"] == 1000 and out["metrics"]["fd400_domain"] < 20
+
+
+def test_rows_of_another_classifier_are_scored_again_with_rescore(tmp_path, capsys):
+    # A run scored before the package shipped its classifier (weights trained on that machine): its rows are in
+    # another feature space, which the figures refuse to mix (scaling.results.mixed_feature_spaces). --rescore
+    # scores those checkpoints again with this machine's weights; the new row is the one the table keeps.
+    run = make_run(tmp_path, steps=(2, 4))
+    row = evaluate_checkpoint(run.path, 4, device="cpu", progress=False)
+    sha = row["feature_weights_sha"]
+    assert len(sha) == 16 and ev.other_weights_steps(run.path, "domain", sha) == []
+    atomic_write_text(run.evals, json.dumps({**row, "feature_weights_sha": "0" * 16, "fd": -1.0}) + "\n")
+    assert ev.other_weights_steps(run.path, "domain", sha) == [4]
+    assert ev.main([str(run.path), "--step", "4"]) == 0      # without --rescore: the row stands
+    assert len(read_jsonl(run.evals)) == 1
+    capsys.readouterr()
+    assert ev.main([str(run.path), "--step", "4", "--rescore"]) == 0
+    rows = read_jsonl(run.evals)
+    assert [r["feature_weights_sha"] for r in rows] == ["0" * 16, sha]
+    assert rows[1]["fd"] == pytest.approx(row["fd"], rel=1e-6)  # the same samples scored again
+    assert ev.find_eval(run.path, 4, row["setting"]) == rows[1] and ev.other_weights_steps(run.path, "domain",
+                                                                                             sha) == []
+    assert ev.main([str(run.path), "--rescore"]) == 0          # nothing left in another space
+    assert len(read_jsonl(run.evals)) == 2
