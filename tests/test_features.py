@@ -15,7 +15,7 @@ from scaling import features
 from scaling.data import DataConfig, build_dataset, load_animal_mnist
 from scaling.evaluate import UInt8Images, compute_metrics, frechet_distance, reference_key
 from scaling.features import (INCEPTION_FILE, DomainExtractor, InceptionOfflineExtractor, MissingWeights,
-                              _atomic_save, build_extractor, dataset_fingerprint, domain_code_version,
+                              _atomic_save, build_extractor, dataset_fingerprint, domain_code_version, domain_data_sha,
                               fid_helper_torchscript, file_sha256, from_uint8, main, offline_inception_weights,
                               shipped_domain_path, to_uint8, train_domain)
 
@@ -111,7 +111,8 @@ def test_the_laptop_domain_classifier_is_the_shipped_one_and_current(domain, cac
     assert domain.weights_path == str(path)
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["code_version"] == domain_code_version()
-    assert meta["data_sha"] == dataset_fingerprint(build_dataset(DataConfig(image_size=SIZE)))
+    data = build_dataset(DataConfig(image_size=SIZE))
+    assert meta["data_sha"] == domain_data_sha(data.x, data.y)
     assert meta["weights_sha256"] == file_sha256(path) == domain.weights_sha
     assert meta["held_out_accuracy"] == domain.info["held_out_accuracy"] > 0.85
     assert meta["num_held_out"] == 1000 and meta["image_size"] == SIZE
@@ -119,21 +120,41 @@ def test_the_laptop_domain_classifier_is_the_shipped_one_and_current(domain, cac
 
 
 def test_a_stale_shipped_classifier_is_not_used(tmp_path, monkeypatch, capsys):
-    # Shipped weights for other data or code: trained into the cache instead, once, with a line saying why.
+    # Shipped weights of other data or code, or a damaged file: trained into the cache instead, once, with a line
+    # saying why.
     monkeypatch.setenv("DIT_SCALING_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(features, "SHIPPED_DOMAIN_DIR", tmp_path / "shipped")
     cfg = DataConfig(name="digits", image_size=16)
     shipped = train_domain(cfg, 0, progress=False, out=shipped_domain_path(cfg, 0))
     assert shipped.parent == tmp_path / "shipped"
     assert train_domain(cfg, 0, progress=False) == shipped            # current: used, nothing trained
-    meta = json.loads(shipped.with_suffix(".json").read_text())
-    shipped.with_suffix(".json").write_text(json.dumps({**meta, "code_version": "0" * 12}))
-    capsys.readouterr()
-    cached = train_domain(cfg, 0, progress=False)
-    assert cached.parent == tmp_path / "cache" / "features" and file_sha256(cached) == meta["weights_sha256"]
-    assert "was trained on other data or by other code" in capsys.readouterr().err
+    meta_file = shipped.with_suffix(".json")
+    meta = json.loads(meta_file.read_text())
+    for stale in ({"code_version": "0" * 12}, {"data_sha": "0" * 64}, {"weights_sha256": "0" * 64}):
+        meta_file.write_text(json.dumps({**meta, **stale}))
+        capsys.readouterr()
+        cached = train_domain(cfg, 0, progress=False)
+        assert cached.parent == tmp_path / "cache" / "features" and file_sha256(cached) == meta["weights_sha256"]
+        assert "does not match" in capsys.readouterr().err
     mtime = os.stat(cached).st_mtime_ns
     assert train_domain(cfg, 0, progress=False) == cached and os.stat(cached).st_mtime_ns == mtime  # cached once
+    meta_file.write_text("{not json")
+    assert train_domain(cfg, 0, progress=False) == cached
+
+
+def test_the_code_version_ignores_docstrings():
+    def a(x):
+        """One text."""
+        return x + 1
+
+    def b(x):
+        """Another text, longer."""
+        return x + 1
+
+    def c(x):
+        return x + 2
+
+    assert features._code(a).replace("'a'", "'b'") == features._code(b) != features._code(c).replace("'c'", "'b'")
 
 
 def test_the_same_weights_saved_twice_have_the_same_bytes(tmp_path):
