@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import rcParams
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 from analysis.fits import bootstrap_fit, bootstrap_frontier, compute_optimal_model, frontier, held_out, pearson_log
@@ -154,12 +156,48 @@ def _plain_formatter(v, _pos) -> str:
     return f"{v:g}"
 
 
-def _log_axis(axis, formatter=_plain_formatter) -> None:
-    """Log scale with readable ticks: 1-2-5 labels within ~2 decades, powers of ten beyond."""
+class ReadableLogLocator(LogLocator):
+    """Powers of ten, and 2 and 5 times them within ~2 decades where their labels fit the axis: decided when the
+    figure is drawn, from the axis's length after the layout (a legend beside the axes narrows them) and the
+    labels' length in characters."""
+
+    def __init__(self, formatter=_plain_formatter):
+        super().__init__(base=10, subs=(1.0,))
+        self._format = formatter
+
+    def tick_values(self, vmin, vmax):
+        lo, hi = sorted((vmin, vmax))
+        if lo <= 0:
+            return super().tick_values(vmin, vmax)
+        if np.log10(hi / lo) < 2.5:
+            dense = np.asarray(LogLocator(base=10, subs=(1.0, 2.0, 5.0)).tick_values(lo, hi))
+            if self._room([self._format(v, None) for v in dense if lo <= v <= hi]) >= 1:
+                return dense
+        decades = np.asarray(super().tick_values(vmin, vmax))
+        room = self._room([self._format(v, None) for v in decades if lo <= v <= hi])
+        if room >= 1:
+            return decades
+        # every k-th power of ten, k as small as lets the labels fit (LogLocator's own stride for numticks)
+        shown = max(int(np.sum((decades >= lo) & (decades <= hi)) * room), 2)
+        return LogLocator(base=10, subs=(1.0,), numticks=shown).tick_values(vmin, vmax)
+
+    def _room(self, labels: list[str]) -> float:
+        """The axis's length over the length these labels need (>= 1: they fit)."""
+        if self.axis is None or len(labels) < 2:
+            return np.inf
+        horizontal = self.axis is self.axis.axes.xaxis
+        box = self.axis.axes.get_window_extent()
+        font_px = FontProperties(size=rcParams["xtick.labelsize" if horizontal else "ytick.labelsize"]
+                                 ).get_size_in_points() * self.axis.figure.dpi / 72
+        # a label needs ~0.62 em a character side by side and ~1.6 em stacked, plus ~1 em between neighbours
+        need = (sum(0.62 * len(t) + 1.0 for t in labels) if horizontal else 2.6 * len(labels)) * font_px
+        return (box.width if horizontal else box.height) / need
+
+
+def log_axis(axis, formatter=_plain_formatter) -> None:
+    """Log scale with readable ticks (ReadableLogLocator), labelled by `formatter`."""
     axis.axes.set_xscale("log") if axis is axis.axes.xaxis else axis.axes.set_yscale("log")
-    lo, hi = axis.get_data_interval()
-    span = np.log10(max(hi, 1e-300) / max(lo, 1e-300))
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if span < 2.5 else (1.0,)))
+    axis.set_major_locator(ReadableLogLocator(formatter))
     axis.set_major_formatter(FuncFormatter(formatter))
     axis.set_minor_formatter(NullFormatter())
 
@@ -259,10 +297,10 @@ def fig6_steps(df: pd.DataFrame, out_dir, name: str = "fig6_fid_vs_steps", logx:
     if logx is None:
         logx = len(steps) > 0 and steps.max() / max(steps.min(), 1) > 30
     if logx:
-        _log_axis(ax.xaxis, _steps_formatter)
+        log_axis(ax.xaxis, _steps_formatter)
     else:
         ax.xaxis.set_major_formatter(FuncFormatter(_steps_formatter))
-    _log_axis(ax.yaxis)
+    log_axis(ax.yaxis)
     metric, short = _metric(d)
     ax.set_xlabel("Training steps")
     ax.set_ylabel(metric)
@@ -325,8 +363,8 @@ def fig8_gflops(df: pd.DataFrame, out_dir, step: int | None = None, overlay_pape
                 gid="paper", label=PAPER_LABEL)
         rows += [{"kind": "paper", "label": model_label(m, p, "paper"), "run_id": run, "gflops_per_img": g, "fd": f}
                  for run, m, p, g, f in ref[["run_id", "model", "patch", "gflops_per_img", "fd"]].itertuples(index=False)]
-    _log_axis(ax.xaxis)
-    _log_axis(ax.yaxis)
+    log_axis(ax.xaxis)
+    log_axis(ax.yaxis)
     ax.set_xlabel("Transformer Gflops per image (forward, multiply-add = 1 flop)")
     ax.set_ylabel(metric)
     ax.set_title(f"{short} vs model compute at {_steps_formatter(step, None)} steps (Fig. 8)\n"
@@ -403,7 +441,7 @@ def fig9_train_compute(df: pd.DataFrame, out_dir, n_boot: int = 500, seed: int =
         fits["frontier_power_law_skipped"] = (f"{int(fitted.sum())} frontier point(s) inside the compute range two "
                                               f"or more runs share (analysis.fits.contested_range); a fit needs 2+")
     ax.set_xscale("log")
-    _log_axis(ax.yaxis)
+    log_axis(ax.yaxis)
     ax.set_xlabel("Training compute (FLOPs = Gflops/img x 1e9 x batch x steps x 3)")
     ax.set_ylabel(metric)
     ax.set_title(f"{short} vs training compute (Fig. 9)")
@@ -439,8 +477,8 @@ def fig10_sampling_compute(df: pd.DataFrame, out_dir, name: str = "fig10_fid_vs_
         ax.plot(g["sampling_gflops"], g["fd"], label=label, gid=run, lw=1.4, ms=4, **_style(p["model"], p["patch"]))
         rows += [{"label": label, "run_id": run, "step": p["step"], "sampling_steps": k, "sampling_gflops": c, "fd": f}
                  for k, c, f in zip(g["sampling_steps"], g["sampling_gflops"], g["fd"])]
-    _log_axis(ax.xaxis)
-    _log_axis(ax.yaxis)
+    log_axis(ax.xaxis)
+    log_axis(ax.yaxis)
     ax.set_xlabel("Sampling compute (Gflops per image = Gflops/img x sampling steps)")
     ax.set_ylabel(metric)
     ax.set_title(f"{short} vs sampling compute (Fig. 10)")
@@ -476,10 +514,10 @@ def fig5_blocks(df: pd.DataFrame, out_dir, name: str = "fig5_block_designs") -> 
                  for s, f in zip(g["step"], g["fd"])]
     steps = d["step"][d["step"] > 0]
     if len(steps) and steps.max() / max(steps.min(), 1) > 30:
-        _log_axis(ax.xaxis, _steps_formatter)
+        log_axis(ax.xaxis, _steps_formatter)
     else:
         ax.xaxis.set_major_formatter(FuncFormatter(_steps_formatter))
-    _log_axis(ax.yaxis)
+    log_axis(ax.yaxis)
     ax.set_xlabel("Training steps")
     ax.set_ylabel(metric)
     ax.set_title(f"Block designs, {model_label(model, patch, d['family'].iloc[0])} (Fig. 5)")

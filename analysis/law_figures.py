@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.figures import (FigureOutput, NoData, _label_of, _log_axis, _new_figure, _runs_in_order, _style,
+from analysis.figures import (FigureOutput, NoData, _label_of, log_axis, _new_figure, _runs_in_order, _style,
                               draw_frontier, draw_seed_band, legend_entries, save)
 from analysis.fits import _finite, bootstrap_frontier, frontier, predict
 from analysis.forecasts import Forecast, forecast_curve_end, forecast_fd, forecast_largest
@@ -64,8 +64,8 @@ def loss_curves(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, name: str =
     fig, ax = _new_figure(7.5, 4.6)
     rows = []
     _per_run_curves(ax, d, "img_seen", loss_col, rows)
-    _log_axis(ax.xaxis)
-    _log_axis(ax.yaxis)
+    log_axis(ax.xaxis)
+    log_axis(ax.yaxis)
     ax.set_xlabel("Training images seen")
     ax.set_ylabel(LOSS_LABEL.get(loss_col, loss_col))
     ax.set_title("Held-out loss over training")
@@ -97,8 +97,8 @@ def compute_envelope(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, n_boot
             label=rf"E + A C$^{{-\alpha}}$: {floor}, $\alpha$ = {f.alpha:.3f} [{lo:.3f}, {hi:.3f}]")
     rows += [{"kind": "fit", "label": "fit", "run_id": None, "train_flops": x, loss_col: y, "lo": a, "hi": b}
              for x, y, a, b in boot.pred[["x", "y", "y_lo", "y_hi"]].itertuples(index=False)]
-    _log_axis(ax.xaxis)
-    _log_axis(ax.yaxis)
+    log_axis(ax.xaxis)
+    log_axis(ax.yaxis)
     ax.set_xlabel("Training compute (FLOPs = Gflops/img x 1e9 x images x 3)")
     ax.set_ylabel(LOSS_LABEL.get(loss_col, loss_col))
     ax.set_title("Compute envelope of the held-out loss")
@@ -140,8 +140,8 @@ def isoflop_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=
         ax.plot([], [], marker="*", ls="none", color="0.3", mec="black", ms=11, label="interior minimum")
     if (~iso.optima["interior"]).any():
         ax.plot([], [], marker="x", ls="none", color="0.3", ms=9, label="no interior minimum (measured best)")
-    _log_axis(ax.xaxis)
-    _log_axis(ax.yaxis)
+    log_axis(ax.xaxis)
+    log_axis(ax.yaxis)
     ax.set_xlabel("Model size (Gflops per image)")
     ax.set_ylabel(LOSS_LABEL.get(loss_col, loss_col))
     ax.set_title("IsoFLOP profiles (parabola in log size around each budget's best)")
@@ -190,8 +190,8 @@ def n_opt_figure(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, budgets=No
     rows += [{"kind": "approach3", "train_flops": c, "n_opt": v} for c, v in zip(cs, y3)]
     sizes = d.groupby("run_id")["gflops_per_img"].first()
     ax.axhspan(sizes.min(), sizes.max(), color="0.85", alpha=0.4, lw=0, gid="grid_span", label="sizes trained")
-    _log_axis(ax.xaxis)
-    _log_axis(ax.yaxis)
+    log_axis(ax.xaxis)
+    log_axis(ax.yaxis)
     ax.set_xlabel("Training compute C (FLOPs)")
     ax.set_ylabel("Compute-optimal size (Gflops per image)")
     ax.set_title("Compute-optimal model size")
@@ -224,8 +224,8 @@ def predicted_vs_measured(forecasts: list[Forecast], out_dir, name: str = "predi
                 label="naive baseline" if i == 0 else None)
         ax.set_xlim(lim)
         ax.set_ylim(lim)
-        _log_axis(ax.xaxis)
-        _log_axis(ax.yaxis)
+        log_axis(ax.xaxis)
+        log_axis(ax.yaxis)
         ax.grid(True, alpha=0.3)
         ax.set_xlabel(f"measured {fc.y_col}")
         ax.set_ylabel(f"predicted {fc.y_col}")
@@ -271,8 +271,8 @@ def fd_vs_loss(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
             label=rf"fit: FD = {law.A:.3g} L$^{{{-law.alpha:.2f}}}$ ({law.n} points)")
     rows += [{"kind": "fit", "label": "fit", "run_id": None, loss_col: x, fd_col: y}
              for x, y in zip(xs, predict(law, xs))]
-    _log_axis(ax.xaxis)
-    _log_axis(ax.yaxis)
+    log_axis(ax.xaxis)
+    log_axis(ax.yaxis)
     metric = d["metric_label"].dropna().iloc[0] if "metric_label" in d and d["metric_label"].notna().any() else fd_col
     ax.set_xlabel(LOSS_LABEL.get(loss_col, loss_col))
     ax.set_ylabel(metric)

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from analysis.figures import (PAPER_LABEL, NoData, fig5_blocks, fig6_steps, fig8_gflops, fig9_train_compute,
-                              fig10_sampling_compute, headline_setting, main, model_label)
+                              fig10_sampling_compute, headline_setting, log_axis, main, model_label)
 from analysis.fits import contested_range
 from fakes import make_fake_run, make_laptop_grid
 from helpers import drawn_legend_texts
@@ -269,3 +269,49 @@ def test_seeds_of_a_grid_point_are_drawn_as_their_mean_and_range(tmp_path):
     assert "mean and range over 2-3 seeds" in drawn_legend_texts(f8.fig)
     texts = drawn_legend_texts(f6.fig)
     assert "range over 2-3 seeds" in texts and sum(t.startswith("range over") for t in texts) == 1
+
+
+@pytest.mark.parametrize("lo,hi", [(3.3e11, 2e13), (1e11, 1e12), (5e10, 3e13), (4e-4, 4e-2), (50, 5000),
+                                   (1e9, 1e13), (1e6, 1e16)])
+def test_log_axis_tick_labels_do_not_overlap(lo, hi):
+    """n_opt_vs_compute's compute axis (3.3e11 to 2e13 FLOPs, ~3.5 in wide beside its legend) printed "5e+11",
+    "1e+12" and "2e+12" into one another: ticks in exponent form are labelled at powers of ten only."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3.5, 3.0))
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([lo, hi], [lo, hi])
+    log_axis(ax.xaxis)
+    canvas.draw()
+    x0, x1 = sorted(ax.get_xlim())
+    shown = [t for v, t in zip(ax.xaxis.get_majorticklocs(), ax.xaxis.get_majorticklabels())
+             if x0 <= v <= x1 and t.get_text()]
+    assert len(shown) >= 2, [t.get_text() for t in shown]
+    boxes = sorted((t.get_window_extent(canvas.get_renderer()) for t in shown), key=lambda b: b.x0)
+    gaps = [b.x0 - a.x1 for a, b in zip(boxes, boxes[1:])]
+    assert min(gaps) > 0, [t.get_text() for t in shown]
+
+
+def test_log_axis_labels_2_and_5_where_they_fit():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def labels(width, lo, hi):
+        fig = Figure(figsize=(width, 3.0))
+        canvas = FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot([lo, hi], [lo, hi])
+        log_axis(ax.xaxis)
+        canvas.draw()
+        x0, x1 = sorted(ax.get_xlim())
+        return [t.get_text() for v, t in zip(ax.xaxis.get_majorticklocs(), ax.xaxis.get_majorticklabels())
+                if x0 <= v <= x1]
+
+    assert labels(8.0, 4e-4, 4e-2) == ["0.0005", "0.001", "0.002", "0.005", "0.01", "0.02", "0.05"]  # + margins
+    assert labels(2.5, 4e-4, 4e-2) == ["0.001", "0.01"]  # too narrow for 2 and 5
+    assert labels(8.0, 1e-4, 1e2) == ["0.0001", "0.001", "0.01", "0.1", "1", "10", "100"]  # 6 decades: 10^k only
+    exponents = [int(t.split("e+")[1]) for t in labels(3.5, 1e6, 1e16)]  # too many powers of ten: every k-th
+    assert len(exponents) >= 3 and len({b - a for a, b in zip(exponents, exponents[1:])} - {0}) == 1
+    assert exponents[1] - exponents[0] >= 2
