@@ -215,6 +215,55 @@ def pearson_log(df: pd.DataFrame, x_col: str, y_col: str) -> float:
     return float(np.corrcoef(np.log10(d[x_col].to_numpy()), d[y_col].to_numpy())[0, 1])
 
 
+def last_common_rows(df: pd.DataFrame, y_col: str, x_col: str = "step", group_col: str = "run_id") -> pd.DataFrame:
+    """Each run's row at the largest `x_col` at which every run has a finite `y_col` (the final step of a grid
+    trained for equal steps); empty where the runs share no such step."""
+    d = _finite(df, x_col, y_col)
+    per_run = [set(g[x_col]) for _, g in d.groupby(group_col)]
+    common = set.intersection(*per_run) if per_run else set()
+    if not common:
+        return d.iloc[:0]
+    return d[d[x_col] == max(common)].groupby(group_col, sort=True).first().reset_index()
+
+
+def ordering_exceptions(last: pd.DataFrame, y_col: str, size_col: str = "params") -> dict:
+    """Is y lower for the larger transformer at every patch size and for the smaller patch at every transformer?
+    Over `last` (one row per grid point: model, patch, size_col, y_col), each pair of neighbours is compared: the
+    models of one patch ordered by `size_col`, the patches of one model. {"n_pairs", "exceptions": [{"expected_lower",
+    "other", "values", "rel_gap"}]}, where rel_gap = (expected_lower - other) / other >= 0."""
+    d = _finite(last, size_col, y_col)
+    pairs = []
+    for _, g in d.groupby("patch"):
+        g = g.sort_values(size_col, kind="stable")
+        pairs += list(zip(g.iloc[1:].itertuples(), g.iloc[:-1].itertuples()))   # (larger, smaller)
+    for _, g in d.groupby("model"):
+        g = g.sort_values("patch", kind="stable")
+        pairs += list(zip(g.iloc[:-1].itertuples(), g.iloc[1:].itertuples()))   # (smaller patch, larger)
+    exceptions = []
+    for lower, other in pairs:
+        a, b = getattr(lower, y_col), getattr(other, y_col)
+        if not a < b:
+            exceptions.append({"expected_lower": f"{lower.model}/{int(lower.patch)}",
+                               "other": f"{other.model}/{int(other.patch)}", "values": [float(a), float(b)],
+                               "rel_gap": float((a - b) / b)})
+    return {"n_pairs": len(pairs), "exceptions": exceptions}
+
+
+def scaling_checks(df: pd.DataFrame, y_cols, x_col: str = "step", group_col: str = "run_id") -> dict:
+    """At the last step every run reached, for each of `y_cols` (a loss, FDs): Pearson r(y, log10 Gflops) over
+    the grid points and the ordering by size and by patch (ordering_exceptions). {y_col: {"step", "n_points",
+    "pearson_r_log10_gflops", "n_pairs", "exceptions"}}; a column without 3 runs at a common step is left out."""
+    out = {}
+    for y in y_cols:
+        last = last_common_rows(df, y, x_col, group_col)
+        if len(last) < 3:
+            continue
+        out[y] = {"step": int(last[x_col].iloc[0]), "n_points": int(len(last)),
+                  "pearson_r_log10_gflops": pearson_log(last, "gflops_per_img", y),
+                  **(ordering_exceptions(last, y) if {"model", "patch", "params"} <= set(last) else {})}
+    return out
+
+
 # ----------------------------------------------------------------------------- compute-optimal frontier
 
 

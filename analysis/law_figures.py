@@ -18,7 +18,7 @@ import pandas as pd
 
 from analysis.figures import (FigureOutput, NoData, _label_of, log_axis, _new_figure, _runs_in_order, _style,
                               draw_frontier, draw_seed_band, legend_entries, save)
-from analysis.fits import _finite, bootstrap_frontier, frontier, predict
+from analysis.fits import _finite, bootstrap_frontier, frontier, predict, scaling_checks
 from analysis.forecasts import Forecast, forecast_curve_end, forecast_fd, forecast_largest
 from analysis.laws import bootstrap_joint_law, fd_metric, fit_fd_vs_loss, isoflop_profiles, one_row_per_step
 from scaling.results import read_table, seed_means
@@ -348,7 +348,9 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
               "predicted_vs_measured": lambda: predicted_vs_measured(checks, out_dir),
               "fd_vs_loss": lambda: fd_vs_loss(df, out_dir, loss_col, fd_col, fit_runs=fd_fit_runs)}
     outputs, fits = [], {"held_out": {k: c.to_dict() for k, c in keyed.items()}, "skipped_checks": reasons,
-                         "fd_col": fd_col, "fit_from_scan": fit_from_scan(df, loss_col) if axes_ok else {}}
+                         "fd_col": fd_col, "fit_from_scan": fit_from_scan(df, loss_col) if axes_ok else {},
+                         "scaling_checks": scaling_checks(df, [c for c in (loss_col, fd_col, *other_fd)
+                                                               if c in df.columns])}
     for key, make in makers.items():
         try:
             out = make()
@@ -362,6 +364,13 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
         print(f"[law_figures] wrote {', '.join(str(p) for p in out.paths)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "laws.json").write_text(json.dumps(fits, indent=2, default=float) + "\n")
+    for y, c in fits["scaling_checks"].items():
+        exc = "; ".join(f"{e['expected_lower']} {e['values'][0]:.4g} not below {e['other']} {e['values'][1]:.4g}"
+                        for e in c.get("exceptions", []))
+        order = (f"; ordered by size and patch in {c['n_pairs'] - len(c['exceptions'])} of {c['n_pairs']} pairs"
+                 + (f" ({exc})" if exc else "")) if "n_pairs" in c else ""
+        print(f"[law_figures] {y} at step {c['step']}: Pearson r(log10 Gflops) = {c['pearson_r_log10_gflops']:.3f} "
+              f"over {c['n_points']} points{order}")
     for k, c in keyed.items():
         s = c.summary()
         print(f"[law_figures] {k} ({c.y_col}): median |error| {s['median_abs_rel_error']:.1%} vs naive "

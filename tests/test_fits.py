@@ -4,7 +4,8 @@ import pytest
 from scipy.stats import pearsonr
 
 from analysis.fits import (bootstrap_fit, bootstrap_frontier, compute_optimal_model, contested_range, fit_frontier,
-                           fit_power_law, frontier, held_out, pearson_log, predict, predict_band)
+                           fit_power_law, frontier, held_out, last_common_rows, pearson_log, predict, predict_band,
+                           scaling_checks)
 from scaling.results import paper_table
 
 
@@ -100,6 +101,34 @@ def test_pearson_reproduces_paper_fig8():
     r = pearson_log(df, "gflops_per_img", "fd")
     assert round(r, 2) == -0.93
     assert r == pytest.approx(pearsonr(np.log10(df["gflops_per_img"]), df["fd"]).statistic, abs=1e-12)
+
+
+def test_scaling_checks_on_table_4_and_an_exception():
+    """Table 4 (FID-50K at 400K steps): r = -0.93 and no exception in the 17 neighbour pairs (3 sizes pairs at
+    each of 3 patches, 2 patch pairs at each of 4 sizes). With XL/4's FID made L/4's + 1, that pair is named."""
+    df = paper_table()
+    c = scaling_checks(df, ["fd"])["fd"]
+    assert (c["step"], c["n_points"], round(c["pearson_r_log10_gflops"], 2)) == (400000, 12, -0.93)
+    assert c["n_pairs"] == 17 and c["exceptions"] == []
+    df.loc[(df["model"] == "dit_xl") & (df["patch"] == 4), "fd"] = 45.64 + 1
+    (e,) = scaling_checks(df, ["fd"])["fd"]["exceptions"]
+    assert (e["expected_lower"], e["other"], e["values"]) == ("dit_xl/4", "dit_l/4", [46.64, 45.64])
+    assert e["rel_gap"] == pytest.approx(1 / 45.64)
+    df.loc[(df["model"] == "dit_b") & (df["patch"] == 2), "fd"] = 68.38  # a tie with B/4 is an exception too
+    assert len(scaling_checks(df, ["fd"])["fd"]["exceptions"]) == 2
+
+
+def test_checks_read_the_last_step_every_run_reached():
+    df = pd.DataFrame({"run_id": ["a", "a", "a", "b", "b", "c", "c"], "step": [1, 2, 3, 1, 2, 2, 4],
+                       "gflops_per_img": [1, 1, 1, 2, 2, 4, 4], "loss": [5, 4, 3, 4, 3, np.nan, 1.0]})
+    assert last_common_rows(df, "loss").empty  # c has no finite loss at step 2
+    df.loc[5, "loss"] = 2.0
+    last = last_common_rows(df, "loss")
+    assert last["run_id"].tolist() == ["a", "b", "c"] and last["step"].tolist() == [2, 2, 2]
+    c = scaling_checks(df, ["loss"])["loss"]
+    assert c["step"] == 2 and "exceptions" not in c  # no model/patch/params: no ordering
+    assert c["pearson_r_log10_gflops"] == pytest.approx(-1.0)
+    assert scaling_checks(df.iloc[:5], ["loss"]) == {}  # 2 runs at a common step: nothing to check
 
 
 def test_frontier_is_the_running_minimum():

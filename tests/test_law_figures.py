@@ -6,6 +6,7 @@ import pytest
 
 from analysis.figures import NoData
 from analysis.figures import main as figures_main
+from analysis.fits import pearson_log
 from analysis.forecasts import forecast_curve_end
 from analysis.law_figures import (build_laws, compute_envelope, fd_vs_loss, isoflop_figure, loss_curves, main,
                                   predicted_vs_measured)
@@ -117,6 +118,8 @@ def test_cli(tmp_path, capsys):
     assert main([str(tmp_path / "results.csv"), "-o", str(tmp_path / "figs"), "--n-boot", "10"]) == 0
     printed = capsys.readouterr().out
     assert "forecast_largest (val_mse_ema): median |error|" in printed
+    assert "val_mse_ema at step 1200: Pearson r(log10 Gflops) = -0.9" in printed
+    assert "ordered by size and patch in " in printed and " of 17 pairs" in printed
     assert main([str(tmp_path / "results.csv"), "--budgets", "1e11,lots"]) == 2
     assert "--budgets 1e11,lots: not a comma-separated list of positive numbers of FLOPs" in capsys.readouterr().err
     assert main([str(tmp_path / "results.csv"), "--budgets", "1e11,-3e11"]) == 2
@@ -167,6 +170,17 @@ def test_fd_laws_use_one_sample_size_and_the_final_size_gets_its_own_forecast(tm
     assert fits["fd_vs_loss"]["fd_vs_loss"]["n"] == 9 * 4
     pv = pd.read_csv(tmp_path / "predicted_vs_measured.csv")
     assert set(pv["y_col"]) >= {"fd250_domain", "fd500_domain", "val_mse_ema"}
+    # the grid's own checks at its last step: r(., log10 Gflops) and the ordering, for the loss and each FD
+    checks = fits["scaling_checks"]
+    assert set(checks) == {"val_mse_ema", "fd250_domain", "fd500_domain"}
+    last = df[df["step"] == 1200]
+    for y, c in checks.items():
+        at = last.dropna(subset=[y]).drop_duplicates("run_id")
+        assert (c["step"], c["n_points"], c["n_pairs"]) == (1200, 12, 17)
+        assert c["pearson_r_log10_gflops"] == pytest.approx(pearson_log(at, "gflops_per_img", y), abs=1e-12)
+    # the synthetic loss law falls with Gflops
+    assert checks["val_mse_ema"]["pearson_r_log10_gflops"] < -0.9
+    assert json.loads((tmp_path / "laws.json").read_text())["scaling_checks"] == json.loads(json.dumps(checks))
 
 
 def test_one_fd_metric_is_left_alone():
