@@ -157,9 +157,9 @@ def _plain_formatter(v, _pos) -> str:
 
 
 class ReadableLogLocator(LogLocator):
-    """Powers of ten, and 2 and 5 times them within ~2 decades where their labels fit the axis: decided when the
-    figure is drawn, from the axis's length after the layout (a legend beside the axes narrows them) and the
-    labels' length in characters."""
+    """Powers of ten, and 2 and 5 times them within ~2 decades where their labels fit the axis (every multiple on
+    an axis too short in range for two of those), decided when the figure is drawn, from the axis's length after
+    the layout (a legend beside the axes narrows them) and the labels' length in characters."""
 
     def __init__(self, formatter=_plain_formatter):
         super().__init__(base=10, subs=(1.0,))
@@ -170,9 +170,17 @@ class ReadableLogLocator(LogLocator):
         if lo <= 0:
             return super().tick_values(vmin, vmax)
         if np.log10(hi / lo) < 2.5:
-            dense = np.asarray(LogLocator(base=10, subs=(1.0, 2.0, 5.0)).tick_values(lo, hi))
-            if self._room([self._format(v, None) for v in dense if lo <= v <= hi]) >= 1:
-                return dense
+            best = None  # 1, 2 and 5 times powers of ten; every multiple where that leaves fewer than 2 labels
+            for subs in ((1.0, 2.0, 5.0), tuple(float(k) for k in range(1, 10))):
+                ticks = np.asarray(LogLocator(base=10, subs=subs).tick_values(lo, hi))
+                labels = [self._format(v, None) for v in ticks if lo <= v <= hi]
+                if self._room(labels) < 1:
+                    break
+                best = ticks
+                if len(labels) >= 2:
+                    break
+            if best is not None:
+                return best
         decades = np.asarray(super().tick_values(vmin, vmax))
         room = self._room([self._format(v, None) for v in decades if lo <= v <= hi])
         if room >= 1:

@@ -311,6 +311,7 @@ def test_log_axis_labels_2_and_5_where_they_fit():
 
     assert labels(8.0, 4e-4, 4e-2) == ["0.0005", "0.001", "0.002", "0.005", "0.01", "0.02", "0.05"]  # + margins
     assert labels(2.5, 4e-4, 4e-2) == ["0.001", "0.01"]  # too narrow for 2 and 5
+    assert labels(3.5, 0.07, 0.11) == ["0.07", "0.08", "0.09", "0.1"]  # a tenth of a decade: every multiple
     assert labels(8.0, 1e-4, 1e2) == ["0.0001", "0.001", "0.01", "0.1", "1", "10", "100"]  # 6 decades: 10^k only
     exponents = [int(t.split("e+")[1]) for t in labels(3.5, 1e6, 1e16)]  # too many powers of ten: every k-th
     assert len(exponents) >= 3 and len({b - a for a, b in zip(exponents, exponents[1:])} - {0}) == 1
