@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib import rcParams
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
 from analysis.fits import bootstrap_fit, bootstrap_frontier, compute_optimal_model, frontier, held_out, pearson_log
 from scaling.results import REFERENCE_CSV, paper_table, read_table, seed_means
@@ -157,9 +157,10 @@ def _plain_formatter(v, _pos) -> str:
 
 
 class ReadableLogLocator(LogLocator):
-    """Powers of ten, and 2 and 5 times them within ~2 decades where their labels fit the axis (every multiple on
-    an axis too short in range for two of those), decided when the figure is drawn, from the axis's length after
-    the layout (a legend beside the axes narrows them) and the labels' length in characters."""
+    """Powers of ten, and 2 and 5 times them within ~2 decades where their labels fit the axis (every multiple, or
+    evenly spaced round numbers, on an axis too short in range for two of those), every k-th power of ten where
+    even those do not fit; decided when the figure is drawn, from the axis's length after the layout (a legend
+    beside the axes narrows them) and the labels' length in characters."""
 
     def __init__(self, formatter=_plain_formatter):
         super().__init__(base=10, subs=(1.0,))
@@ -169,18 +170,18 @@ class ReadableLogLocator(LogLocator):
         lo, hi = sorted((vmin, vmax))
         if lo <= 0:
             return super().tick_values(vmin, vmax)
-        if np.log10(hi / lo) < 2.5:
-            best = None  # 1, 2 and 5 times powers of ten; every multiple where that leaves fewer than 2 labels
-            for subs in ((1.0, 2.0, 5.0), tuple(float(k) for k in range(1, 10))):
-                ticks = np.asarray(LogLocator(base=10, subs=subs).tick_values(lo, hi))
+        span = np.log10(hi / lo)
+        if span < 2.5:
+            # 1, 2 and 5 times powers of ten; where that leaves fewer than 2 labels, every multiple; on a range of
+            # less than ~3x, evenly spaced round numbers: the first of these with 2+ labels that fit
+            candidates = [LogLocator(base=10, subs=(1.0, 2.0, 5.0)), LogLocator(base=10, subs=np.arange(1.0, 10.0))]
+            if span < 0.5:
+                candidates += [MaxNLocator(nbins=n, steps=[1, 2, 2.5, 5, 10]) for n in (5, 3, 2, 1)]
+            for locator in candidates:
+                ticks = np.asarray(locator.tick_values(lo, hi))
                 labels = [self._format(v, None) for v in ticks if lo <= v <= hi]
-                if self._room(labels) < 1:
-                    break
-                best = ticks
-                if len(labels) >= 2:
-                    break
-            if best is not None:
-                return best
+                if len(labels) >= 2 and self._room(labels) >= 1:
+                    return ticks
         decades = np.asarray(super().tick_values(vmin, vmax))
         room = self._room([self._format(v, None) for v in decades if lo <= v <= hi])
         if room >= 1:

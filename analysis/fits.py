@@ -216,8 +216,8 @@ def pearson_log(df: pd.DataFrame, x_col: str, y_col: str) -> float:
 
 
 def last_common_rows(df: pd.DataFrame, y_col: str, x_col: str = "step", group_col: str = "run_id") -> pd.DataFrame:
-    """Each run's row at the largest `x_col` at which every run has a finite `y_col` (the final step of a grid
-    trained for equal steps); empty where the runs share no such step."""
+    """Each run's row at the largest `x_col` at which every run has a finite `y_col` (for a grid trained for equal
+    steps, its final step; for runs of other lengths, no later than the shortest); empty where there is none."""
     d = _finite(df, x_col, y_col)
     per_run = [set(g[x_col]) for _, g in d.groupby(group_col)]
     common = set.intersection(*per_run) if per_run else set()
@@ -226,41 +226,69 @@ def last_common_rows(df: pd.DataFrame, y_col: str, x_col: str = "step", group_co
     return d[d[x_col] == max(common)].groupby(group_col, sort=True).first().reset_index()
 
 
+def _point(row) -> str:
+    return f"{row.model}/{float(row.patch):g}"
+
+
 def ordering_exceptions(last: pd.DataFrame, y_col: str, size_col: str = "params") -> dict:
     """Is y lower for the larger transformer at every patch size and for the smaller patch at every transformer?
-    Over `last` (one row per grid point: model, patch, size_col, y_col), each pair of neighbours is compared: the
-    models of one patch ordered by `size_col`, the patches of one model. {"n_pairs", "exceptions": [{"expected_lower",
-    "other", "values", "rel_gap"}]}, where rel_gap = (expected_lower - other) / other >= 0."""
-    d = _finite(last, size_col, y_col)
+    Over `last` (one row per grid point: model, patch, size_col, y_col, and block where the table has it), each
+    pair of neighbours is compared within a block design: the models of one patch ordered by `size_col` (rows
+    without it take part in the patch pairs only), the patches of one model. {"n_pairs", "exceptions":
+    [{"expected_lower", "other", "values", "rel_gap"}]}, rel_gap = (expected_lower - other) / other >= 0.
+    ValueError where a grid point has two rows (seeds not averaged, or variants other than the block)."""
+    d = _finite(last, "patch", y_col)
+    keys = ["model", "patch"] + (["block"] if "block" in d.columns else [])
+    dup = d[d.duplicated(keys, keep=False)]
+    if not dup.empty:
+        runs = f" ({', '.join(map(str, dup['run_id'].head(2)))})" if "run_id" in dup.columns else ""
+        raise ValueError(f"{dup[keys].drop_duplicates().shape[0]} grid points have two or more rows, e.g. "
+                         f"{_point(dup.iloc[0])}{runs}; allowed: one row per model, patch and block (average seeds: "
+                         "scaling.results.seed_means)")
     pairs = []
-    for _, g in d.groupby("patch"):
-        g = g.sort_values(size_col, kind="stable")
-        pairs += list(zip(g.iloc[1:].itertuples(), g.iloc[:-1].itertuples()))   # (larger, smaller)
-    for _, g in d.groupby("model"):
-        g = g.sort_values("patch", kind="stable")
-        pairs += list(zip(g.iloc[:-1].itertuples(), g.iloc[1:].itertuples()))   # (smaller patch, larger)
+    for _, b in (d.groupby("block", dropna=False) if "block" in d.columns else [(None, d)]):
+        sized = b[np.isfinite(pd.to_numeric(b[size_col], errors="coerce"))] if size_col in b.columns else b.iloc[:0]
+        for _, g in sized.groupby("patch"):
+            g = g.sort_values(size_col, kind="stable")
+            pairs += list(zip(g.iloc[1:].itertuples(), g.iloc[:-1].itertuples()))   # (larger, smaller)
+        for _, g in b.groupby("model"):
+            g = g.sort_values("patch", kind="stable")
+            pairs += list(zip(g.iloc[:-1].itertuples(), g.iloc[1:].itertuples()))   # (smaller patch, larger)
     exceptions = []
     for lower, other in pairs:
         a, b = getattr(lower, y_col), getattr(other, y_col)
         if not a < b:
-            exceptions.append({"expected_lower": f"{lower.model}/{int(lower.patch)}",
-                               "other": f"{other.model}/{int(other.patch)}", "values": [float(a), float(b)],
-                               "rel_gap": float((a - b) / b)})
+            exceptions.append({"expected_lower": _point(lower), "other": _point(other),
+                               "values": [float(a), float(b)], "rel_gap": float((a - b) / b)})
     return {"n_pairs": len(pairs), "exceptions": exceptions}
 
 
 def scaling_checks(df: pd.DataFrame, y_cols, x_col: str = "step", group_col: str = "run_id") -> dict:
-    """At the last step every run reached, for each of `y_cols` (a loss, FDs): Pearson r(y, log10 Gflops) over
-    the grid points and the ordering by size and by patch (ordering_exceptions). {y_col: {"step", "n_points",
-    "pearson_r_log10_gflops", "n_pairs", "exceptions"}}; a column without 3 runs at a common step is left out."""
+    """For each of `y_cols` (a loss, FDs), at the largest step at which every run has a value (last_common_rows):
+    Pearson r(y, log10 Gflops) over the grid points and the ordering by size and by patch (ordering_exceptions).
+    {y_col: {"step", "last_step_max" (the latest step of any run with a value), "n_points",
+    "pearson_r_log10_gflops", "n_pairs", "exceptions"}}; a check that cannot be made gives its reason instead:
+    {"skipped": why} for the column, "ordering_skipped" for the ordering alone."""
     out = {}
     for y in y_cols:
-        last = last_common_rows(df, y, x_col, group_col)
-        if len(last) < 3:
+        try:
+            last = last_common_rows(df, y, x_col, group_col)
+            if len(last) < 3:
+                raise ValueError(f"{len(last)} runs have a {y} at a common step; 3+ needed")
+            if min(_finite(last, "gflops_per_img", y)[["gflops_per_img", y]].nunique()) < 2:
+                raise ValueError(f"{y} or gflops_per_img is the same for every run at step {last[x_col].iloc[0]:g}")
+            r = pearson_log(last, "gflops_per_img", y)
+        except ValueError as e:
+            out[y] = {"skipped": str(e)}
             continue
-        out[y] = {"step": int(last[x_col].iloc[0]), "n_points": int(len(last)),
-                  "pearson_r_log10_gflops": pearson_log(last, "gflops_per_img", y),
-                  **(ordering_exceptions(last, y) if {"model", "patch", "params"} <= set(last) else {})}
+        c = {"step": int(last[x_col].iloc[0]), "last_step_max": int(_finite(df, x_col, y)[x_col].max()),
+             "n_points": int(len(last)), "pearson_r_log10_gflops": r}
+        try:
+            c.update(ordering_exceptions(last, y) if {"model", "patch"} <= set(last.columns) else
+                     {"ordering_skipped": "no model and patch columns"})
+        except ValueError as e:
+            c["ordering_skipped"] = str(e)
+        out[y] = c
     return out
 
 

@@ -365,12 +365,17 @@ def build_laws(df: pd.DataFrame, out_dir, loss_col: str = LOSS_COL, fd_col: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "laws.json").write_text(json.dumps(fits, indent=2, default=float) + "\n")
     for y, c in fits["scaling_checks"].items():
+        if "skipped" in c:
+            print(f"[law_figures] {y}: no correlation or ordering check: {c['skipped']}")
+            continue
         exc = "; ".join(f"{e['expected_lower']} {e['values'][0]:.4g} not below {e['other']} {e['values'][1]:.4g}"
                         for e in c.get("exceptions", []))
         order = (f"; ordered by size and patch in {c['n_pairs'] - len(c['exceptions'])} of {c['n_pairs']} pairs"
-                 + (f" ({exc})" if exc else "")) if "n_pairs" in c else ""
-        print(f"[law_figures] {y} at step {c['step']}: Pearson r(log10 Gflops) = {c['pearson_r_log10_gflops']:.3f} "
-              f"over {c['n_points']} points{order}")
+                 + (f" ({exc})" if exc else "")) if "n_pairs" in c else \
+            f"; ordering not checked: {c['ordering_skipped']}"
+        ends = f" (runs end at up to {c['last_step_max']})" if c["last_step_max"] > c["step"] else ""
+        print(f"[law_figures] {y} at step {c['step']}{ends}: Pearson r(log10 Gflops) = "
+              f"{c['pearson_r_log10_gflops']:.3f} over {c['n_points']} points{order}")
     for k, c in keyed.items():
         s = c.summary()
         print(f"[law_figures] {k} ({c.y_col}): median |error| {s['median_abs_rel_error']:.1%} vs naive "

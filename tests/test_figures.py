@@ -271,15 +271,16 @@ def test_seeds_of_a_grid_point_are_drawn_as_their_mean_and_range(tmp_path):
     assert "range over 2-3 seeds" in texts and sum(t.startswith("range over") for t in texts) == 1
 
 
-@pytest.mark.parametrize("lo,hi", [(3.3e11, 2e13), (1e11, 1e12), (5e10, 3e13), (4e-4, 4e-2), (50, 5000),
-                                   (1e9, 1e13), (1e6, 1e16)])
-def test_log_axis_tick_labels_do_not_overlap(lo, hi):
+@pytest.mark.parametrize("lo,hi,width", [(3.3e11, 2e13, 3.5), (1e11, 1e12, 3.5), (5e10, 3e13, 3.5),
+                                         (4e-4, 4e-2, 3.5), (50, 5000, 3.5), (1e9, 1e13, 3.5), (1e6, 1e16, 3.5),
+                                         (0.071, 0.079, 3.0), (0.0712, 0.0718, 3.5)])
+def test_log_axis_tick_labels_do_not_overlap(lo, hi, width):
     """n_opt_vs_compute's compute axis (3.3e11 to 2e13 FLOPs, ~3.5 in wide beside its legend) printed "5e+11",
-    "1e+12" and "2e+12" into one another: ticks in exponent form are labelled at powers of ten only."""
+    "1e+12" and "2e+12" into one another: 2 and 5 times a power of ten are labelled only where they fit."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(3.5, 3.0))
+    fig = Figure(figsize=(width, 3.0))
     canvas = FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.plot([lo, hi], [lo, hi])
@@ -312,7 +313,28 @@ def test_log_axis_labels_2_and_5_where_they_fit():
     assert labels(8.0, 4e-4, 4e-2) == ["0.0005", "0.001", "0.002", "0.005", "0.01", "0.02", "0.05"]  # + margins
     assert labels(2.5, 4e-4, 4e-2) == ["0.001", "0.01"]  # too narrow for 2 and 5
     assert labels(3.5, 0.07, 0.11) == ["0.07", "0.08", "0.09", "0.1"]  # a tenth of a decade: every multiple
+    assert labels(3.5, 0.071, 0.079) == ["0.072", "0.074", "0.076", "0.078"]  # narrower: round numbers
+    assert len(labels(1.0, 0.071, 0.079)) <= 1  # no room for two labels: none overlapping
     assert labels(8.0, 1e-4, 1e2) == ["0.0001", "0.001", "0.01", "0.1", "1", "10", "100"]  # 6 decades: 10^k only
     exponents = [int(t.split("e+")[1]) for t in labels(3.5, 1e6, 1e16)]  # too many powers of ten: every k-th
     assert len(exponents) >= 3 and len({b - a for a, b in zip(exponents, exponents[1:])} - {0}) == 1
     assert exponents[1] - exponents[0] >= 2
+
+
+def test_log_axis_y_labels_fit_the_axis_height():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def labels(height):
+        fig = Figure(figsize=(4.0, height))
+        canvas = FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        ax.plot([0.05, 0.5], [0.05, 0.5])
+        log_axis(ax.yaxis)
+        canvas.draw()
+        y0, y1 = sorted(ax.get_ylim())
+        return [t.get_text() for v, t in zip(ax.yaxis.get_majorticklocs(), ax.yaxis.get_majorticklabels())
+                if y0 <= v <= y1]
+
+    assert labels(4.0) == ["0.05", "0.1", "0.2", "0.5"]
+    assert labels(1.0) == ["0.1"]  # an inch: no room for four stacked labels

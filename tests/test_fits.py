@@ -126,9 +126,29 @@ def test_checks_read_the_last_step_every_run_reached():
     last = last_common_rows(df, "loss")
     assert last["run_id"].tolist() == ["a", "b", "c"] and last["step"].tolist() == [2, 2, 2]
     c = scaling_checks(df, ["loss"])["loss"]
-    assert c["step"] == 2 and "exceptions" not in c  # no model/patch/params: no ordering
+    assert (c["step"], c["last_step_max"]) == (2, 4)  # c's step 4 is later than any step all three share
+    assert c["ordering_skipped"] == "no model and patch columns" and "exceptions" not in c
     assert c["pearson_r_log10_gflops"] == pytest.approx(-1.0)
-    assert scaling_checks(df.iloc[:5], ["loss"]) == {}  # 2 runs at a common step: nothing to check
+    assert scaling_checks(df.iloc[:5], ["loss"]) == {"loss": {"skipped": "2 runs have a loss at a common step; 3+ "
+                                                                         "needed"}}
+    flat = df.assign(loss=1.0)  # a constant has no correlation: said, never a NaN in laws.json
+    assert scaling_checks(flat, ["loss"]) == {"loss": {"skipped": "loss or gflops_per_img is the same for every "
+                                                                  "run at step 2"}}
+
+
+def test_ordering_compares_one_block_design_at_a_time_and_refuses_duplicates():
+    df = paper_table()
+    other = df.assign(block="in_context", fd=df["fd"] * 1.5, run_id=df["run_id"] + "-ic")
+    other.loc[other["model"] == "dit_s", "params"] = np.nan  # no size: in the patch pairs only
+    c = scaling_checks(pd.concat([df, other], ignore_index=True), ["fd"])["fd"]
+    assert c["n_pairs"] == 17 + (3 * 2 + 4 * 2) and c["exceptions"] == [] and c["n_points"] == 24
+    nan_patch = pd.concat([df, df.iloc[[0]].assign(patch=np.nan, run_id="x")], ignore_index=True)
+    assert scaling_checks(nan_patch, ["fd"])["fd"]["n_pairs"] == 17  # a row without a patch is left out
+    seeds = pd.concat([df, df.iloc[[0]].assign(run_id="dit_b-p2-s1")], ignore_index=True)
+    c = scaling_checks(seeds, ["fd"])["fd"]
+    assert c["pearson_r_log10_gflops"] < -0.9 and "exceptions" not in c
+    assert c["ordering_skipped"].startswith("1 grid points have two or more rows, e.g. dit_b/2 (")
+    assert "allowed: one row per model, patch and block" in c["ordering_skipped"]
 
 
 def test_frontier_is_the_running_minimum():
