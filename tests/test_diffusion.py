@@ -455,9 +455,10 @@ def test_forward_chunks_change_samples_at_float_rounding_only(cfg_scale):
         sizes.clear()
         chunked = sample(model, base(), y, shape, generator=g(), forward_batch=forward_batch, **kw)
         assert sizes == parts * 5, (forward_batch, sizes[:5])
-        assert torch.allclose(chunked, whole, rtol=0, atol=1e-4), (forward_batch, (chunked - whole).abs().max())
+        # 5 guided steps amplify the rounding of other matmul shapes: ~1e-4 on CPUs with AMX, less on others
+        assert torch.allclose(chunked, whole, rtol=0, atol=1e-3), (forward_batch, (chunked - whole).abs().max())
     other = sample(net, base(), y.roll(1), shape, generator=g(), forward_batch=8, **kw)
-    assert (other - whole).abs().max() > 1e-2  # the tolerance is far below what other labels change
+    assert (other - whole).abs().max() > 1e-1  # the tolerance is far below what other labels change
 
 
 def test_in_chunks_splits_evenly():
