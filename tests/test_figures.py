@@ -271,44 +271,42 @@ def test_seeds_of_a_grid_point_are_drawn_as_their_mean_and_range(tmp_path):
     assert "range over 2-3 seeds" in texts and sum(t.startswith("range over") for t in texts) == 1
 
 
+def drawn_tick_labels(lo, hi, width=3.5, height=3.0, axis="x") -> list:
+    """The tick labels a log_axis shows for data from lo to hi in a figure of width x height inches, drawn."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot([lo, hi], [lo, hi])
+    which = ax.xaxis if axis == "x" else ax.yaxis
+    log_axis(which)
+    fig.canvas.draw()
+    v0, v1 = sorted(which.get_view_interval())
+    return [t for v, t in zip(which.get_majorticklocs(), which.get_majorticklabels()) if v0 <= v <= v1 and t.get_text()]
+
+
+def texts(labels) -> list[str]:
+    return [t.get_text() for t in labels]
+
+
 @pytest.mark.parametrize("lo,hi,width", [(3.3e11, 2e13, 3.5), (1e11, 1e12, 3.5), (5e10, 3e13, 3.5),
                                          (4e-4, 4e-2, 3.5), (50, 5000, 3.5), (1e9, 1e13, 3.5), (1e6, 1e16, 3.5),
                                          (0.071, 0.079, 3.0), (0.0712, 0.0718, 3.5)])
 def test_log_axis_tick_labels_do_not_overlap(lo, hi, width):
     """n_opt_vs_compute's compute axis (3.3e11 to 2e13 FLOPs, ~3.5 in wide beside its legend) printed "5e+11",
     "1e+12" and "2e+12" into one another: 2 and 5 times a power of ten are labelled only where they fit."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, 3.0))
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot([lo, hi], [lo, hi])
-    log_axis(ax.xaxis)
-    canvas.draw()
-    x0, x1 = sorted(ax.get_xlim())
-    shown = [t for v, t in zip(ax.xaxis.get_majorticklocs(), ax.xaxis.get_majorticklabels())
-             if x0 <= v <= x1 and t.get_text()]
-    assert len(shown) >= 2, [t.get_text() for t in shown]
-    boxes = sorted((t.get_window_extent(canvas.get_renderer()) for t in shown), key=lambda b: b.x0)
+    shown = drawn_tick_labels(lo, hi, width)
+    assert len(shown) >= 2, texts(shown)
+    boxes = sorted((t.get_window_extent() for t in shown), key=lambda b: b.x0)
     gaps = [b.x0 - a.x1 for a, b in zip(boxes, boxes[1:])]
-    assert min(gaps) > 0, [t.get_text() for t in shown]
+    assert min(gaps) > 0, texts(shown)
 
 
 def test_log_axis_labels_2_and_5_where_they_fit():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     def labels(width, lo, hi):
-        fig = Figure(figsize=(width, 3.0))
-        canvas = FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        ax.plot([lo, hi], [lo, hi])
-        log_axis(ax.xaxis)
-        canvas.draw()
-        x0, x1 = sorted(ax.get_xlim())
-        return [t.get_text() for v, t in zip(ax.xaxis.get_majorticklocs(), ax.xaxis.get_majorticklabels())
-                if x0 <= v <= x1]
+        return texts(drawn_tick_labels(lo, hi, width))
 
     assert labels(8.0, 4e-4, 4e-2) == ["0.0005", "0.001", "0.002", "0.005", "0.01", "0.02", "0.05"]  # + margins
     assert labels(2.5, 4e-4, 4e-2) == ["0.001", "0.01"]  # too narrow for 2 and 5
@@ -322,19 +320,6 @@ def test_log_axis_labels_2_and_5_where_they_fit():
 
 
 def test_log_axis_y_labels_fit_the_axis_height():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    def labels(height):
-        fig = Figure(figsize=(4.0, height))
-        canvas = FigureCanvasAgg(fig)
-        ax = fig.add_subplot()
-        ax.plot([0.05, 0.5], [0.05, 0.5])
-        log_axis(ax.yaxis)
-        canvas.draw()
-        y0, y1 = sorted(ax.get_ylim())
-        return [t.get_text() for v, t in zip(ax.yaxis.get_majorticklocs(), ax.yaxis.get_majorticklabels())
-                if y0 <= v <= y1]
-
-    assert labels(4.0) == ["0.05", "0.1", "0.2", "0.5"]
-    assert labels(1.0) == ["0.1"]  # an inch: no room for four stacked labels
+    assert texts(drawn_tick_labels(0.05, 0.5, width=4.0, height=4.0, axis="y")) == ["0.05", "0.1", "0.2", "0.5"]
+    # an inch: no room for four stacked labels
+    assert texts(drawn_tick_labels(0.05, 0.5, width=4.0, height=1.0, axis="y")) == ["0.1"]
