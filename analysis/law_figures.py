@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.figures import (FigureOutput, NoData, _label_of, log_axis, _new_figure, _runs_in_order, _style,
-                              draw_frontier, draw_seed_band, legend_entries, save)
+from analysis.figures import (FigureOutput, NoData, _label_of, _new_figure, _runs_in_order, _style, draw_frontier,
+                              draw_seed_band, legend_entries, log_axis, save)
 from analysis.fits import _finite, bootstrap_frontier, frontier, predict, scaling_checks
 from analysis.forecasts import Forecast, forecast_curve_end, forecast_fd, forecast_largest
 from analysis.laws import bootstrap_joint_law, fd_metric, fit_fd_vs_loss, isoflop_profiles, one_row_per_step
