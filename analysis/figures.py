@@ -26,7 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from analysis.fits import bootstrap_fit, bootstrap_frontier, compute_optimal_model, frontier, held_out, pearson_log
+from analysis.fits import (bootstrap_fit, bootstrap_frontier, common_step, compute_optimal_model, frontier, held_out,
+                          pearson_log)
 from scaling.results import REFERENCE_CSV, paper_table, read_table, seed_means
 
 SIZES = ("XXXS", "XXS", "XS", "S", "M", "B", "L", "XL")
@@ -139,13 +140,12 @@ def _metric(d: pd.DataFrame) -> tuple[str, str]:
     return label, label.split(" (")[0]
 
 
-def common_step(d: pd.DataFrame) -> int:
+def evaluated_step(d: pd.DataFrame) -> int:
     """The largest step at which every run has an eval (the default step of Fig. 8)."""
-    per_run = [set(g["step"]) for _, g in d.groupby("run_id")]
-    common = set.intersection(*per_run) if per_run else set()
-    if not common:
+    step = common_step(d)
+    if step is None:
         raise NoData("no step at which every run was evaluated; pass --step")
-    return int(max(common))
+    return int(step)
 
 
 def _steps_formatter(v, _pos) -> str:
@@ -327,7 +327,7 @@ def fig8_gflops(df: pd.DataFrame, out_dir, step: int | None = None, overlay_pape
     with log10 Gflops and a power-law fit with its bootstrap band (resampling runs), at the largest sample size
     evaluated on 3+ runs (headline_setting)."""
     d = main_block(headline_setting(df, step))
-    step = common_step(d) if step is None else int(step)
+    step = evaluated_step(d) if step is None else int(step)
     d = d[d["step"] == step]
     if d["run_id"].nunique() < 3:
         raise NoData(f"Fig. 8 needs at least 3 runs evaluated at step {step}; found {d['run_id'].nunique()}")

@@ -215,15 +215,21 @@ def pearson_log(df: pd.DataFrame, x_col: str, y_col: str) -> float:
     return float(np.corrcoef(np.log10(d[x_col].to_numpy()), d[y_col].to_numpy())[0, 1])
 
 
+def common_step(df: pd.DataFrame, x_col: str = "step", group_col: str = "run_id"):
+    """The largest `x_col` that every run's rows share; None where they share none."""
+    per_run = [set(g[x_col]) for _, g in df.groupby(group_col)]
+    common = set.intersection(*per_run) if per_run else set()
+    return max(common) if common else None
+
+
 def last_common_rows(df: pd.DataFrame, y_col: str, x_col: str = "step", group_col: str = "run_id") -> pd.DataFrame:
     """Each run's row at the largest `x_col` at which every run has a finite `y_col` (for a grid trained for equal
     steps, its final step; for runs of other lengths, no later than the shortest); empty where there is none."""
     d = _finite(df, x_col, y_col)
-    per_run = [set(g[x_col]) for _, g in d.groupby(group_col)]
-    common = set.intersection(*per_run) if per_run else set()
-    if not common:
+    step = common_step(d, x_col, group_col)
+    if step is None:
         return d.iloc[:0]
-    return d[d[x_col] == max(common)].groupby(group_col, sort=True).first().reset_index()
+    return d[d[x_col] == step].groupby(group_col, sort=True).first().reset_index()
 
 
 def _point(row) -> str:
